@@ -1,0 +1,32 @@
+# Two commands: `make reproduce` (set-up + the main job) and `make test` (set-up + the tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+
+.PHONY: reproduce test lint setup clean
+
+reproduce: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) reproduce_table
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check cmcore tests
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+setup: $(STAMP)
+
+# torch and torchvision are pinned to releases that install from local wheels where offered.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf results/* .snakemake
+	git checkout -- results/README.md

@@ -1,0 +1,169 @@
+"""Command line: ``python -m cmcore <step>`` (also ``cm <step>``), one subcommand per DAG step.
+
+Every subcommand takes --config, --out, --seed and --dry-run; a dry run validates the config and
+the inputs, says what it would do, and writes nothing. Errors are one line on stderr, exit 2.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from cmcore import config as config_mod
+from cmcore.data import DataError
+from cmcore.training import METHODS, CheckpointError
+
+
+def _prepare_data(args, cfg):
+    from cmcore.data import load_dataset, save_prepared
+
+    if args.dry_run:
+        return f"would load data set {cfg['dataset']['name']!r} and write {args.out}"
+    x, labels = load_dataset(cfg["dataset"], cfg["seed"])
+    save_prepared(args.out, x, labels)
+    return f"wrote {args.out}: {x.shape[0]} items of shape {tuple(x.shape[1:])}"
+
+
+def _train_classifier(args, cfg):
+    from cmcore.classifier import save_classifier, train_classifier
+    from cmcore.data import load_prepared
+
+    images, labels = load_prepared(args.data)
+    if args.dry_run:
+        return f"would train the evaluation classifier on {len(labels)} images -> {args.out}"
+    c = cfg["evaluation"]["classifier"]
+    state, metrics = train_classifier(images, labels, iters=c["iters"], batch=c["batch"],
+                                      lr=c["lr"], seed=cfg["seed"],
+                                      holdout_fraction=c["holdout_fraction"])
+    save_classifier(args.out, state, metrics)
+    return f"wrote {args.out}: held-out accuracy {metrics['holdout_accuracy']:.4f}"
+
+
+def _train(args, cfg):
+    from cmcore.training import load_checkpoint, train
+
+    if args.method in ("cd", "pd"):
+        if not args.teacher:
+            raise CheckpointError(f"--teacher is required for method {args.method}")
+        load_checkpoint(args.teacher)  # fail before any work on a bad teacher
+    if not os.path.isfile(args.data):
+        raise DataError(f"prepared data {args.data} is missing; run `cm prepare-data` first")
+    if args.dry_run:
+        return f"would train {args.method} on {args.data} -> {args.out}"
+    train(cfg, args.method, args.data, args.out, args.teacher)
+    return f"wrote {args.out}"
+
+
+def _sample(args, cfg):
+    from cmcore.reports import save_grid
+    from cmcore.sampling import sample_checkpoint
+    from cmcore.training import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.dry_run:
+        return f"would draw {cfg['sampling']['num_samples']} {args.steps}-step samples -> {args.out}"
+    images, meta = sample_checkpoint(ckpt, cfg, args.steps)
+    np.savez(args.out, arr_0=images)
+    meta.update(checkpoint=args.checkpoint, code_version=config_mod.code_version())
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(meta, f, indent=1)
+    if args.grid:
+        save_grid(images[:100], args.grid)
+    return f"wrote {args.out}: {images.shape[0]} samples, NFE {meta['nfe']}"
+
+
+def _evaluate(args, cfg):
+    from cmcore.data import load_prepared
+    from cmcore.metrics import compute_metrics
+
+    ev = cfg["evaluation"]
+    weights = args.classifier if ev["feature_extractor"] == "classifier" else ev["inception_weights"]
+    if not weights or not os.path.isfile(weights):
+        raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings)")
+    reference, _ = load_prepared(args.reference)
+    with np.load(args.samples) as f:
+        samples = f["arr_0"]
+    if args.dry_run:
+        return f"would evaluate {samples.shape[0]} samples against {reference.shape[0]} images"
+    metrics = compute_metrics(samples, reference, extractor=ev["feature_extractor"],
+                              weights_path=weights, prc_neighborhood=ev["prc_neighborhood"])
+    with open(os.path.splitext(args.samples)[0] + ".json") as f:
+        meta = json.load(f)
+    if ev["feature_extractor"] == "classifier":
+        from cmcore.classifier import load_classifier
+
+        metrics["extractor_accuracy"] = load_classifier(weights)[1].get("holdout_accuracy")
+    record = {**meta, **metrics, "dataset": cfg["dataset"]["name"],
+              "reference_set": f"{cfg['dataset']['name']} training set ({args.reference})"}
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    return f"wrote {args.out}: FID {metrics['fid']:.3f}"
+
+
+def _table(args, cfg):
+    from cmcore.reports import write_table
+
+    if args.dry_run:
+        return f"would gather {len(args.metrics)} metric files into {args.out}"
+    df = write_table(args.metrics, args.out)
+    return f"wrote {args.out} with {len(df)} rows"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="cm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", required=True, help="YAML config (config/config.yaml)")
+        p.add_argument("--out", required=True, help="output file")
+        p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        p.add_argument("--dry-run", action="store_true", help="validate and describe only")
+        p.set_defaults(func=func)
+        return p
+
+    add("prepare-data", _prepare_data, "load the data set and write it as npz")
+    p = add("train-classifier", _train_classifier, "train the evaluation feature extractor")
+    p.add_argument("--data", required=True)
+    p = add("train", _train, "train the teacher, CD, CT, PD or the untrained baseline")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--data", required=True)
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (cd, pd)")
+    p = add("sample", _sample, "draw samples from a checkpoint (npz arr_0 uint8 NHWC)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--steps", type=int, required=True, help="sampling steps")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of 100 samples")
+    p = add("evaluate", _evaluate, "FID, IS, precision and recall through torch-fidelity")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--reference", required=True, help="prepared data set (npz)")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
+    p = add("table", _table, "gather metric JSON files into CSV and Markdown tables")
+    p.add_argument("--metrics", nargs="+", required=True)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+        if args.seed is not None:
+            cfg["seed"] = args.seed
+        if args.threads is not None:
+            cfg["threads"] = args.threads
+        import torch
+
+        torch.set_num_threads(cfg["threads"])
+        message = args.func(args, cfg)
+    except (config_mod.ConfigError, DataError, CheckpointError, FileNotFoundError,
+            FloatingPointError, ValueError) as e:
+        print(f"cm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(("[dry run] " if args.dry_run else "") + message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Configuration: load a YAML file, validate it against the JSON schema, fill defaults, and
+check what a schema cannot say. Every problem is one line naming the key and the fix."""
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; str(error) is one line naming the key and the fix."""
+
+
+def _key(path):
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _resolve(schema, root):
+    while "$ref" in schema and len(schema) == 1:
+        schema = root["$defs"][schema["$ref"].split("/")[-1]]
+    return schema
+
+
+def _properties(schema, root):
+    """Properties of a schema node, including those of a referenced base definition."""
+    props = {}
+    if "$ref" in schema:
+        props.update(_properties(root["$defs"][schema["$ref"].split("/")[-1]], root))
+    for name, sub in schema.get("properties", {}).items():
+        props[name] = {**props.get(name, {}), **sub}
+    return props
+
+
+def _fill_defaults(node, schema, root):
+    for name, sub in _properties(schema, root).items():
+        sub = {**_resolve({k: v for k, v in sub.items() if k == "$ref"}, root), **sub}
+        if name not in node and "default" in sub:
+            node[name] = copy.deepcopy(sub["default"])
+        if isinstance(node.get(name), dict):
+            _fill_defaults(node[name], sub, root)
+
+
+def _schema_error(config, schema):
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is None:
+        return None
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        return f"{_key(error.absolute_path)}: {error.message}; remove or rename the key"
+    return f"{_key(error.absolute_path)}: {error.message}"
+
+
+def _check_semantics(cfg):
+    """Rules the schema cannot express."""
+    ct, smp = cfg["ct"], cfg["sampling"]
+    if ct["s1"] <= ct["s0"]:
+        return f"ct.s1 = {ct['s1']} must be greater than ct.s0 = {ct['s0']}"
+    d = cfg["diffusion"]
+    if d["sigma_max"] <= d["sigma_min"]:
+        return "diffusion.sigma_max must be greater than diffusion.sigma_min"
+    start = cfg["pd"]["start_steps"]
+    if start & (start - 1):
+        return f"pd.start_steps = {start} must be a power of two (PD halves it down to 1)"
+    for n in smp["steps"]:
+        taus = smp["tau"].get(str(n), [] if n == 1 else None)
+        if taus is None:
+            return f"sampling.tau: no intermediate times for {n}-step sampling; add '{n}': [...]"
+        if len(taus) != n - 1:
+            return f"sampling.tau.{n}: needs {n - 1} times, got {len(taus)}"
+        inside = not taus or d["sigma_min"] < taus[-1] <= taus[0] < d["sigma_max"]
+        if any(a <= b for a, b in zip(taus, taus[1:], strict=False)) or not inside:
+            return f"sampling.tau.{n}: times must decrease strictly within (sigma_min, sigma_max)"
+    if max(smp["steps"]) > start:
+        return f"sampling.steps: {max(smp['steps'])} exceeds pd.start_steps = {start}"
+    ds, ev = cfg["dataset"], cfg["evaluation"]
+    if ds["name"] == "cifar10" and not (ds["path"] and os.path.isfile(ds["path"])):
+        return (f"dataset.path: CIFAR-10 tarball not found at {ds['path']!r}; download "
+                "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/ and set the path")
+    if ev["feature_extractor"] == "inception" and not (
+        ev["inception_weights"] and os.path.isfile(ev["inception_weights"])
+    ):
+        return (f"evaluation.inception_weights: file not found ({ev['inception_weights']!r}); get "
+                "pt_inception-2015-12-05-6726825d.pth from the torch-fidelity releases")
+    if ev["feature_extractor"] == "classifier" and ds["name"] != "digits":
+        return "evaluation.feature_extractor: 'classifier' is trained on digits only; use inception"
+    return None
+
+
+def validate(config):
+    """Return a validated copy of ``config`` with defaults filled; raise ConfigError if bad."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    if not isinstance(config, dict):
+        raise ConfigError("the config file must hold a YAML mapping of keys to values")
+    message = _schema_error(config, schema)
+    if message is not None:
+        raise ConfigError(message)
+    cfg = copy.deepcopy(config)
+    _fill_defaults(cfg, schema, schema)
+    message = _check_semantics(cfg)
+    if message is not None:
+        raise ConfigError(message)
+    return cfg
+
+
+def load(path):
+    """Read and validate the YAML config at ``path``."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass --config PATH") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return validate(config)
+
+
+def code_version():
+    """`git describe --always --dirty` of the repository, or the package version outside git."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from cmcore import __version__
+
+    return __version__
+
+
+def write_resolved(cfg, path):
+    """Write the validated config (defaults filled) with the code version, atomically."""
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(tmp, "w") as f:
+        f.write(f"# resolved config, code version {code_version()}\n")
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,85 @@
+"""Samplers of trained models: one-step and multistep consistency sampling, DDIM for PD."""
+
+import numpy as np
+import torch
+
+from cmcore.objectives import ddim_step
+from cmcore.schedules import pd_grid
+
+
+@torch.no_grad()
+def consistency_sample(f, z, taus=(), eps=0.002, T=80.0):
+    """Paper Algorithm 1: x = f(T z, T); for tau_n: x = f(x + sqrt(tau_n^2 - eps^2) xi, tau_n).
+
+    With ``taus`` empty this is one-step generation; NFE = 1 + len(taus).
+    """
+    x = f(z * T, T)
+    for tau in taus:
+        # Re-noise to tau_n, then map back to the trajectory's origin.
+        x_hat = x + (tau**2 - eps**2) ** 0.5 * torch.randn_like(x)
+        x = f(x_hat, tau)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(D, z, steps, eps=0.002, T=80.0, rho=7.0):
+    """Deterministic DDIM over the progressive-distillation grid T = s_0 > ... > s_steps = eps."""
+    grid = pd_grid(steps, eps, T, rho).tolist()
+    x = z * T
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        x = ddim_step(D, x, t, t_next)
+    return x
+
+
+def sample_checkpoint(ckpt, cfg, steps):
+    """Draw cfg['sampling']['num_samples'] samples from a checkpoint with ``steps`` steps.
+
+    The sampler follows the method: the EDM Heun sampler for the teacher, Algorithm 1 with the
+    configured taus for consistency models, DDIM with the matching stage for PD. Returns
+    (uint8 NHWC images, metadata with the sampler, NFE and taus).
+    """
+    from cmcore.data import to_uint8
+    from cmcore.solvers import edm_sampler, edm_sampler_nfe
+    from cmcore.training import model_from_checkpoint, pick_device
+
+    device = pick_device(cfg["device"])
+    method, d, smp = ckpt["method"], ckpt["config"]["diffusion"], cfg["sampling"]
+    grid = dict(eps=d["sigma_min"], T=d["sigma_max"])
+    taus = []
+    if method == "pd":
+        if str(steps) not in ckpt["stages"]:
+            raise ValueError(f"PD has no {steps}-step student; stages: {sorted(ckpt['stages'])}")
+        model = model_from_checkpoint(ckpt, stage=steps).to(device)
+        sampler, nfe = "ddim", steps
+
+        def run(z):
+            return ddim_sample(model, z, steps, rho=d["rho"], **grid)
+    elif method == "teacher":
+        model = model_from_checkpoint(ckpt).to(device)
+        sampler, nfe = "edm-heun", edm_sampler_nfe(steps)
+
+        def run(z):
+            return edm_sampler(model, z, steps, rho=d["rho"], **grid)
+    else:
+        model = model_from_checkpoint(ckpt).to(device)
+        taus = smp["tau"].get(str(steps), [])
+        if len(taus) != steps - 1:
+            raise ValueError(f"sampling.tau.{steps}: needs {steps - 1} times, got {len(taus)}")
+        sampler, nfe = "consistency-multistep" if taus else "consistency-onestep", steps
+
+        def run(z):
+            return consistency_sample(model, z, taus, **grid)
+    torch.manual_seed(cfg["seed"])
+    net = ckpt["net"]
+    shape = (net["in_channels"],) + (net["img_resolution"],) * 2 if "img_resolution" in net \
+        else (net["in_channels"],)
+    chunks, left = [], smp["num_samples"]
+    while left > 0:
+        n = min(left, smp["batch"])
+        x = run(torch.randn(n, *shape, device=device))
+        chunks.append(to_uint8(x) if x.ndim == 4 else x.float().cpu().numpy())
+        left -= n
+    meta = {"method": method, "steps": steps, "nfe": nfe, "sampler": sampler, "taus": taus,
+            "num_samples": smp["num_samples"], "seed": cfg["seed"],
+            "train_iters": ckpt.get("train_iters")}
+    return np.concatenate(chunks), meta

@@ -1,0 +1,24 @@
+rule evaluate:
+    input:
+        cfg=RESOLVED,
+        samples=rules.sample.output.samples,
+        meta=rules.sample.output.meta,
+        reference=DATA,
+        extractor=extractor_weights,
+    output:
+        f"{OUT}/metrics/{{method}}/steps{{steps}}.json",
+    params:
+        classifier=lambda wildcards, input: (
+            f"--classifier {input.extractor}" if input.extractor else ""
+        ),
+    log:
+        f"{OUT}/logs/evaluate_{{method}}_{{steps}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluate_{{method}}_{{steps}}.tsv"
+    threads: CFG["threads"]
+    resources:
+        **res("evaluate"),
+    shell:
+        "{CM} evaluate --config {input.cfg} --samples {input.samples}"
+        " --reference {input.reference} {params.classifier} --out {output}"
+        " --threads {threads} > {log} 2>&1"
