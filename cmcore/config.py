@@ -87,7 +87,7 @@ def _check_semantics(cfg):
         ev["inception_weights"] and os.path.isfile(ev["inception_weights"])
     ):
         return (f"evaluation.inception_weights: file not found ({ev['inception_weights']!r}); get "
-                "pt_inception-2015-12-05-6726825d.pth from the torch-fidelity releases")
+                "weights-inception-2015-12-05-6726825d.pth from the torch-fidelity releases")
     if ev["feature_extractor"] == "classifier" and ds["name"] != "digits":
         return "evaluation.feature_extractor: 'classifier' is trained on digits only; use inception"
     return None

@@ -9,7 +9,7 @@ except ConfigError as error:
     sys.exit(f"config error: {error}")
 
 OUT = CFG["outdir"]
-CM = f"{sys.executable} -m cmcore"
+ENV = "../envs/cmcore.yaml"
 RESOLVED = f"{OUT}/config.yaml"
 DATA = f"{OUT}/data/train.npz"
 CLASSIFIER = f"{OUT}/classifier/classifier.pt"
@@ -29,13 +29,24 @@ def sampler_steps(method):
     return CFG["sampling"]["steps"]
 
 
+def train_rule_io(method):
+    """Checkpoint, log and benchmark paths of one training rule."""
+    return dict(
+        output=f"{OUT}/runs/{method}/checkpoint.pt",
+        log=f"{OUT}/logs/train_{method}.log",
+        benchmark=f"{OUT}/benchmarks/train_{method}.tsv",
+    )
+
+
 METHODS = ["teacher", "cd", "ct", "pd", "untrained"]
 RUNS = [(m, n) for m in METHODS for n in sampler_steps(m)]
 
 
 def extractor_weights(wildcards):
     """The evaluation classifier for the digits; nothing for Inception (a configured file)."""
-    return [CLASSIFIER] if CFG["evaluation"]["feature_extractor"] == "classifier" else []
+    return (
+        [CLASSIFIER] if CFG["evaluation"]["feature_extractor"] == "classifier" else []
+    )
 
 
 wildcard_constraints:

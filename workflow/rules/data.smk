@@ -1,10 +1,12 @@
 rule resolved_config:
     output:
         RESOLVED,
-    params:
-        cfg=CFG,
     log:
         f"{OUT}/logs/resolved_config.log",
+    conda:
+        ENV
+    params:
+        cfg=CFG,
     run:
         from cmcore.config import write_resolved
 
@@ -20,10 +22,12 @@ rule prepare_data:
         f"{OUT}/logs/prepare_data.log",
     benchmark:
         f"{OUT}/benchmarks/prepare_data.tsv"
+    conda:
+        ENV
     resources:
         **res("light"),
     shell:
-        "{CM} prepare-data --config {input.cfg} --out {output} > {log} 2>&1"
+        "cm prepare-data --config {input.cfg} --out {output} > {log} 2>&1"
 
 
 rule train_classifier:
@@ -36,9 +40,11 @@ rule train_classifier:
         f"{OUT}/logs/train_classifier.log",
     benchmark:
         f"{OUT}/benchmarks/train_classifier.tsv"
+    conda:
+        ENV
     threads: CFG["threads"]
     resources:
         **res("light"),
     shell:
-        "{CM} train-classifier --config {input.cfg} --data {input.data} --out {output}"
+        "cm train-classifier --config {input.cfg} --data {input.data} --out {output}"
         " --threads {threads} > {log} 2>&1"

@@ -7,18 +7,20 @@ rule evaluate:
         extractor=extractor_weights,
     output:
         f"{OUT}/metrics/{{method}}/steps{{steps}}.json",
-    params:
-        classifier=lambda wildcards, input: (
-            f"--classifier {input.extractor}" if input.extractor else ""
-        ),
     log:
         f"{OUT}/logs/evaluate_{{method}}_{{steps}}.log",
     benchmark:
         f"{OUT}/benchmarks/evaluate_{{method}}_{{steps}}.tsv"
+    conda:
+        ENV
     threads: CFG["threads"]
     resources:
         **res("evaluate"),
+    params:
+        classifier=lambda wildcards, input: (
+            f"--classifier {input.extractor}" if input.extractor else ""
+        ),
     shell:
-        "{CM} evaluate --config {input.cfg} --samples {input.samples}"
+        "cm evaluate --config {input.cfg} --samples {input.samples}"
         " --reference {input.reference} {params.classifier} --out {output}"
         " --threads {threads} > {log} 2>&1"

@@ -9,10 +9,12 @@ rule table1:
         f"{OUT}/logs/table1.log",
     benchmark:
         f"{OUT}/benchmarks/table1.tsv"
+    conda:
+        ENV
     resources:
         **res("light"),
     shell:
-        "{CM} table --config {input.cfg} --metrics {input.metrics} --out {output.csv}"
+        "cm table --config {input.cfg} --metrics {input.metrics} --out {output.csv}"
         " > {log} 2>&1"
 
 

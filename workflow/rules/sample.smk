@@ -10,9 +10,11 @@ rule sample:
         f"{OUT}/logs/sample_{{method}}_{{steps}}.log",
     benchmark:
         f"{OUT}/benchmarks/sample_{{method}}_{{steps}}.tsv"
+    conda:
+        ENV
     threads: CFG["threads"]
     resources:
         **res("sample"),
     shell:
-        "{CM} sample --config {input.cfg} --checkpoint {input.checkpoint} --steps {wildcards.steps}"
+        "cm sample --config {input.cfg} --checkpoint {input.checkpoint} --steps {wildcards.steps}"
         " --out {output.samples} --grid {output.grid} --threads {threads} > {log} 2>&1"

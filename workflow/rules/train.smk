@@ -1,11 +1,3 @@
-def train_rule_io(method):
-    return dict(
-        output=f"{OUT}/runs/{method}/checkpoint.pt",
-        log=f"{OUT}/logs/train_{method}.log",
-        benchmark=f"{OUT}/benchmarks/train_{method}.tsv",
-    )
-
-
 rule train_teacher:
     input:
         cfg=RESOLVED,
@@ -16,11 +8,13 @@ rule train_teacher:
         train_rule_io("teacher")["log"],
     benchmark:
         train_rule_io("teacher")["benchmark"]
+    conda:
+        ENV
     threads: CFG["threads"]
     resources:
         **res("train"),
     shell:
-        "{CM} train --method teacher --config {input.cfg} --data {input.data} --out {output}"
+        "cm train --method teacher --config {input.cfg} --data {input.data} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -35,11 +29,13 @@ rule train_cd:
         train_rule_io("cd")["log"],
     benchmark:
         train_rule_io("cd")["benchmark"]
+    conda:
+        ENV
     threads: CFG["threads"]
     resources:
         **res("train"),
     shell:
-        "{CM} train --method cd --config {input.cfg} --data {input.data}"
+        "cm train --method cd --config {input.cfg} --data {input.data}"
         " --teacher {input.teacher} --out {output} --threads {threads} > {log} 2>&1"
 
 
@@ -53,11 +49,13 @@ rule train_ct:
         train_rule_io("ct")["log"],
     benchmark:
         train_rule_io("ct")["benchmark"]
+    conda:
+        ENV
     threads: CFG["threads"]
     resources:
         **res("train"),
     shell:
-        "{CM} train --method ct --config {input.cfg} --data {input.data} --out {output}"
+        "cm train --method ct --config {input.cfg} --data {input.data} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -72,11 +70,13 @@ rule train_pd:
         train_rule_io("pd")["log"],
     benchmark:
         train_rule_io("pd")["benchmark"]
+    conda:
+        ENV
     threads: CFG["threads"]
     resources:
         **res("train"),
     shell:
-        "{CM} train --method pd --config {input.cfg} --data {input.data}"
+        "cm train --method pd --config {input.cfg} --data {input.data}"
         " --teacher {input.teacher} --out {output} --threads {threads} > {log} 2>&1"
 
 
@@ -90,8 +90,10 @@ rule train_untrained:
         train_rule_io("untrained")["log"],
     benchmark:
         train_rule_io("untrained")["benchmark"]
+    conda:
+        ENV
     resources:
         **res("light"),
     shell:
-        "{CM} train --method untrained --config {input.cfg} --data {input.data} --out {output}"
+        "cm train --method untrained --config {input.cfg} --data {input.data} --out {output}"
         " > {log} 2>&1"

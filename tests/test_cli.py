@@ -1,0 +1,62 @@
+"""The CLI: dry runs validate and write nothing; bad input is one line on stderr, exit 2."""
+
+import numpy as np
+import pytest
+
+from conftest import cm, cm_process, tiny_config
+
+
+def test_dry_runs_write_nothing(tiny, tmp_path):
+    out = tmp_path / "out.npz"
+    r = cm("prepare-data", "--config", tiny, "--out", out, "--dry-run")
+    assert r.returncode == 0 and "[dry run]" in r.stdout and not out.exists()
+    data = tmp_path / "data.npz"
+    assert cm("prepare-data", "--config", tiny, "--out", data).returncode == 0
+    with np.load(data) as f:
+        assert f["arr_0"].shape == (1797, 8, 8, 1) and f["arr_0"].dtype == np.uint8
+        assert f["arr_0"].max() == 255 and f["labels"].max() == 9
+    for method in ("teacher", "ct", "untrained"):
+        r = cm("train", "--method", method, "--config", tiny, "--data", data, "--out",
+               tmp_path / "ckpt.pt", "--dry-run")
+        assert r.returncode == 0, r.stderr
+    r = cm("train-classifier", "--config", tiny, "--data", data, "--out", tmp_path / "c.pt",
+           "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "data.npz"]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"cd": {"N": 0}}, "cd.N"),
+    ({"ct": {"s0": 10, "s1": 5}}, "ct.s1"),
+    ({"cd": {"distance": "l3"}}, "cd.distance"),
+    ({"colour": "red"}, "'colour' was unexpected"),
+    ({"dataset": {"name": "cifar10", "path": "/no/such/cifar-10-python.tar.gz"},
+      "evaluation": {"feature_extractor": "inception"}}, "/no/such/cifar-10-python.tar.gz"),
+])
+def test_bad_config_is_one_line(tmp_path, change, words):
+    path = tiny_config(tmp_path, **change)
+    r = cm("prepare-data", "--config", path, "--out", tmp_path / "d.npz")
+    assert r.returncode == 2
+    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_teacher_and_foreign_checkpoint(tiny, tmp_path):
+    data = tmp_path / "data.npz"
+    cm("prepare-data", "--config", tiny, "--out", data)
+    r = cm("train", "--method", "cd", "--config", tiny, "--data", data, "--out",
+           tmp_path / "cd.pt", "--teacher", tmp_path / "nope.pt")
+    assert r.returncode == 2 and "nope.pt not found" in r.stderr
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"not a checkpoint")
+    r = cm("sample", "--config", tiny, "--checkpoint", foreign, "--steps", "1", "--out",
+           tmp_path / "s.npz")
+    assert r.returncode == 2 and "not a readable cmcore checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_module_entry_point_reports_one_line(tmp_path):
+    r = cm_process("prepare-data", "--config", tiny_config(tmp_path, cd={"N": 1}), "--out",
+                   tmp_path / "d.npz")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "cm prepare-data: error: cd.N: 1 is less than the minimum of 2"
