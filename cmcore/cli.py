@@ -63,7 +63,8 @@ def _sample(args, cfg):
 
     ckpt = load_checkpoint(args.checkpoint)
     if args.dry_run:
-        return f"would draw {cfg['sampling']['num_samples']} {args.steps}-step samples -> {args.out}"
+        n = cfg["sampling"]["num_samples"]
+        return f"would draw {n} {args.steps}-step samples -> {args.out}"
     images, meta = sample_checkpoint(ckpt, cfg, args.steps)
     np.savez(args.out, arr_0=images)
     meta.update(checkpoint=args.checkpoint, code_version=config_mod.code_version())
@@ -79,7 +80,8 @@ def _evaluate(args, cfg):
     from cmcore.metrics import compute_metrics
 
     ev = cfg["evaluation"]
-    weights = args.classifier if ev["feature_extractor"] == "classifier" else ev["inception_weights"]
+    use_classifier = ev["feature_extractor"] == "classifier"
+    weights = args.classifier if use_classifier else ev["inception_weights"]
     if not weights or not os.path.isfile(weights):
         raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings)")
     reference, _ = load_prepared(args.reference)

@@ -54,7 +54,8 @@ def load_mixture(num_points, seed, radius=1.0, std=0.1, components=8):
     gm = ring_mixture(components, radius, std)
     g = torch.Generator().manual_seed(seed)
     k = torch.multinomial(gm.weights, num_points, replacement=True, generator=g)
-    x = gm.means[k] + gm.stds[k, None] * torch.randn(num_points, 2, generator=g, dtype=gm.means.dtype)
+    z = torch.randn(num_points, 2, generator=g, dtype=gm.means.dtype)
+    x = gm.means[k] + gm.stds[k, None] * z
     return x.float().numpy(), k.numpy()
 
 

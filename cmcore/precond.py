@@ -1,4 +1,5 @@
-"""Preconditioning: wraps a free-form backbone F_theta into a denoiser D or a consistency function f.
+"""Preconditioning: wraps a free-form backbone F_theta into a denoiser D or a consistency
+function f.
 
 Both wrappers keep the backbone as ``self.model`` so that their state-dict keys (``model.*``)
 match NVlabs/edm's ``EDMPrecond`` and a published teacher loads into either wrapper.

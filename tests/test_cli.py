@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from conftest import cm, cm_process, tiny_config
 
 
