@@ -59,3 +59,37 @@ def test_module_entry_point_reports_one_line(tmp_path):
                    tmp_path / "d.npz")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "cm prepare-data: error: cd.N: 1 is less than the minimum of 2"
+
+
+def test_cifar10_reader_and_paper_config(tmp_path):
+    """A tarball in the official format reads as uint8 NHWC; the paper config validates."""
+    import io
+    import pickle
+    import tarfile
+
+    import yaml
+
+    from cmcore.config import ROOT, validate
+    from cmcore.data import load_cifar10
+
+    tar_path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for i in range(1, 6):
+            # Row-major CHW planes: pixel (c, y, x) of image n holds n*10 + c.
+            data = np.zeros((2, 3, 32, 32), np.uint8)
+            for n in range(2):
+                for c in range(3):
+                    data[n, c] = i * 20 + n * 10 + c
+            blob = pickle.dumps({b"data": data.reshape(2, -1), b"labels": [i, 9 - i]})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    images, labels = load_cifar10(str(tar_path))
+    assert images.shape == (10, 32, 32, 3) and labels.tolist()[:2] == [1, 8]
+    assert images[1, 5, 7].tolist() == [30, 31, 32]  # batch 1, image 1: HWC order
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")
+    cfg = yaml.safe_load((ROOT / "config/cifar10.yaml").read_text())
+    cfg["dataset"]["path"], cfg["evaluation"]["inception_weights"] = str(tar_path), str(weights)
+    resolved = validate(cfg)
+    assert resolved["cd"]["distance"] == "lpips" and resolved["network"]["model_channels"] == 128
