@@ -2,21 +2,23 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The rules call `cm`, the console script of this project's environment.
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 STAMP := $(VENV)/.installed
 CORES ?= all
 
 .PHONY: reproduce test lint setup clean
 
 reproduce: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) reproduce_table
+	$(RUN) snakemake --cores $(CORES) reproduce_table
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(RUN) python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check cmcore tests
 	$(BIN)/snakefmt --check Snakefile workflow/rules
-	$(BIN)/snakemake --lint
+	$(RUN) snakemake --lint
 
 setup: $(STAMP)
 

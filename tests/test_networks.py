@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmcore.networks import build_network, count_parameters
-from cmcore.networks.songunet import Conv2d, UNetBlock
+from cmcore.networks.layers import Conv2d, UNetBlock
 
 # CIFAR-10 DDPM++ (EDM's cifar10 config, REFERENCE.md).
 CIFAR_DDPMPP = dict(

@@ -3,7 +3,7 @@
 import torch.nn.functional as F
 from torch import nn
 
-from .songunet import PositionalEmbedding
+from .layers import PositionalEmbedding
 
 
 class MLP(nn.Module):
