@@ -89,8 +89,11 @@ def _evaluate(args, cfg):
         samples = f["arr_0"]
     if args.dry_run:
         return f"would evaluate {samples.shape[0]} samples against {reference.shape[0]} images"
+    from cmcore.training import pick_device
+
     metrics = compute_metrics(samples, reference, extractor=ev["feature_extractor"],
-                              weights_path=weights, prc_neighborhood=ev["prc_neighborhood"])
+                              weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
+                              device=pick_device(cfg["device"]))
     with open(os.path.splitext(args.samples)[0] + ".json") as f:
         meta = json.load(f)
     if ev["feature_extractor"] == "classifier":

@@ -67,3 +67,16 @@ def test_distances_by_hand():
     assert l1(x, y).item() == pytest.approx(4 / 4)
     c = 0.00054 * 2  # sqrt(dim) = 2
     assert pseudo_huber(x, y).item() == pytest.approx((6 + c**2) ** 0.5 - c)
+
+
+def test_lpips_random_backbone_and_missing_weights(monkeypatch, tmp_path):
+    from cmcore.distances import LPIPS, lpips_backbone_available
+
+    torch.manual_seed(0)
+    d = LPIPS(backbone="random")
+    x, y = torch.rand(2, 1, 8, 8) * 2 - 1, torch.rand(2, 1, 8, 8) * 2 - 1
+    assert d(x, x).abs().max().item() < 1e-6 and (d(x, y) > 0).all()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert not lpips_backbone_available()
+    with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
+        LPIPS(backbone="pretrained")
