@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cmcore.analytic import ring_mixture
+from cmcore.classifier import torch_threads
 from cmcore.distances import l2
 from cmcore.networks import build_network
 from cmcore.objectives import consistency_distillation_loss, consistency_training_loss
@@ -24,6 +25,13 @@ from cmcore.theorem import (
 )
 
 GM = ring_mixture(K=8, radius=1.0, std=0.3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 2-D tensors: one torch thread is fastest, and far faster on a busy machine."""
+    with torch_threads(1):
+        yield
 
 
 def _random_f(seed=0):
