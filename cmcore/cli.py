@@ -116,6 +116,20 @@ def _table(args, cfg):
     return f"wrote {args.out} with {len(df)} rows"
 
 
+def _theorem1(args, cfg):
+    from cmcore.theorem import run_theorem1
+
+    s = {k: v for k, v in cfg["theorem1"].items() if k != "enabled"}
+    d = cfg["diffusion"]
+    s.update(eps=d["sigma_min"], T=d["sigma_max"], rho=d["rho"], seed=cfg["seed"],
+             threads=cfg["threads"])
+    if args.dry_run:
+        return f"would measure Theorem 1 for {s['solvers']} into {args.out}/"
+    summary = run_theorem1(s, args.out)
+    slopes = ", ".join(f"{k} {v:.2f}" for k, v in summary["slopes"].items())
+    return f"wrote {args.out}/: slopes {slopes}"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="cm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +161,7 @@ def build_parser():
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p = add("table", _table, "gather metric JSON files into CSV and Markdown tables")
     p.add_argument("--metrics", nargs="+", required=True)
+    add("theorem1", _theorem1, "Theorem 1 and 2 on an exact Gaussian mixture (--out: folder)")
     return parser
 
 

@@ -21,6 +21,7 @@ import torch
 
 from cmcore.analytic import ring_mixture
 from cmcore.classifier import torch_threads
+from cmcore.config import code_version
 from cmcore.distances import l2
 from cmcore.networks import build_network
 from cmcore.objectives import consistency_distillation_loss
@@ -387,6 +388,7 @@ def _run(s, out_dir):
         "gap_slope": fit_slope(gap["delta_t"], gap["gap"].abs()),
         "L_ct_slope": fit_slope(gap["delta_t"], gap["L_ct"]),
         "settings": s,
+        "code_version": code_version(),
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu,
         "threads": torch.get_num_threads(),

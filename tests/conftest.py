@@ -26,6 +26,7 @@ TINY = {
     "pd": {"iters": 2, "batch": 32, "lr": 0.0002, "start_steps": 4, "log_every": 2},
     "sampling": {"num_samples": 120, "batch": 120, "steps": [1, 2], "tau": {"2": [0.8]}},
     "evaluation": {"classifier": {"iters": 30}},
+    "theorem1": {"enabled": False},
 }
 
 

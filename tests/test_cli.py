@@ -21,6 +21,8 @@ def test_dry_runs_write_nothing(tiny, tmp_path):
     r = cm("train-classifier", "--config", tiny, "--data", data, "--out", tmp_path / "c.pt",
            "--dry-run")
     assert r.returncode == 0, r.stderr
+    r = cm("theorem1", "--config", tiny, "--out", tmp_path / "theorem1", "--dry-run")
+    assert r.returncode == 0 and "['euler', 'heun']" in r.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "data.npz"]
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, snakemake, tiny_config
 
 RULES = ["resolved_config", "prepare_data", "train_classifier", "train_teacher", "train_cd",
-         "train_ct", "train_pd", "train_untrained", "sample", "evaluate", "table1"]
+         "train_ct", "train_pd", "train_untrained", "sample", "evaluate", "table1", "theorem1"]
 
 
 def test_dry_run_of_the_default_config_lists_every_rule():

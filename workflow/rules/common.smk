@@ -1,4 +1,5 @@
 # Config validation, run enumeration and input functions; no rules.
+import os
 import sys
 
 from cmcore.config import ConfigError, validate

@@ -18,7 +18,32 @@ rule table1:
         " > {log} 2>&1"
 
 
+rule theorem1:
+    input:
+        cfg=RESOLVED,
+    output:
+        orders=f"{OUT}/theorem1/orders.csv",
+        errors=f"{OUT}/theorem1/errors.csv",
+        gap=f"{OUT}/theorem1/ct_cd_gap.csv",
+        plot=f"{OUT}/theorem1/orders.png",
+        gap_plot=f"{OUT}/theorem1/ct_cd_gap.png",
+    log:
+        f"{OUT}/logs/theorem1.log",
+    benchmark:
+        f"{OUT}/benchmarks/theorem1.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **res("light"),
+    params:
+        out=lambda wildcards, output: os.path.dirname(output.orders),
+    shell:
+        "cm theorem1 --config {input.cfg} --out {params.out} --threads {threads} > {log} 2>&1"
+
+
 rule reproduce_table:
     input:
         rules.table1.output,
         [f"{OUT}/plots/samples_{m}_{n}step.png" for m, n in RUNS],
+        rules.theorem1.output if CFG["theorem1"]["enabled"] else [],
