@@ -130,6 +130,15 @@ def _theorem1(args, cfg):
     return f"wrote {args.out}/: slopes {slopes}"
 
 
+def _figure4(args, cfg):
+    from cmcore.reports import write_steps_figure
+
+    if args.dry_run:
+        return f"would plot FID against steps from {len(args.metrics)} files into {args.plot}"
+    write_steps_figure(args.metrics, args.out, args.plot)
+    return f"wrote {args.out} and {args.plot}"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="cm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +170,9 @@ def build_parser():
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p = add("table", _table, "gather metric JSON files into CSV and Markdown tables")
     p.add_argument("--metrics", nargs="+", required=True)
+    p = add("figure4", _figure4, "FID against sampling steps: CSV and Markdown tables, a plot")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--plot", required=True, help="PNG of FID against steps")
     add("theorem1", _theorem1, "Theorem 1 and 2 on an exact Gaussian mixture (--out: folder)")
     return parser
 

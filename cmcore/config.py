@@ -68,7 +68,8 @@ def _check_semantics(cfg):
     start = cfg["pd"]["start_steps"]
     if start & (start - 1):
         return f"pd.start_steps = {start} must be a power of two (PD halves it down to 1)"
-    for n in smp["steps"]:
+    all_steps = sorted(set(smp["steps"]) | set(smp["curve_steps"]))
+    for n in all_steps:
         taus = smp["tau"].get(str(n), [] if n == 1 else None)
         if taus is None:
             return f"sampling.tau: no intermediate times for {n}-step sampling; add '{n}': [...]"
@@ -77,8 +78,8 @@ def _check_semantics(cfg):
         inside = not taus or d["sigma_min"] < taus[-1] <= taus[0] < d["sigma_max"]
         if any(a <= b for a, b in zip(taus, taus[1:], strict=False)) or not inside:
             return f"sampling.tau.{n}: times must decrease strictly within (sigma_min, sigma_max)"
-    if max(smp["steps"]) > start:
-        return f"sampling.steps: {max(smp['steps'])} exceeds pd.start_steps = {start}"
+    if max(all_steps) > start or any(n & (n - 1) for n in all_steps):
+        return f"sampling: PD can only sample with powers of two up to pd.start_steps = {start}"
     ds, ev = cfg["dataset"], cfg["evaluation"]
     if ds["name"] == "cifar10" and not (ds["path"] and os.path.isfile(ds["path"])):
         return (f"dataset.path: CIFAR-10 tarball not found at {ds['path']!r}; download "

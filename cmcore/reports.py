@@ -47,14 +47,68 @@ def markdown(df):
     return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def write_table(paths, out_csv):
-    """Write ``out_csv`` and the Markdown table beside it (same stem, .md); return the frame."""
-    df = gather(paths)
+# Song et al. (2023), Table 1 (CIFAR-10, FID / IS); PD as re-run by the authors with the same
+# EDM teacher; the teacher is EDM's Heun sampler with 18 steps (35 NFE).
+PAPER_TABLE1 = {("teacher", 35): (2.04, 9.84), ("cd", 1): (3.55, 9.48), ("cd", 2): (2.93, 9.75),
+                ("ct", 1): (8.70, 8.49), ("ct", 2): (5.83, 8.85), ("pd", 1): (8.34, 8.69),
+                ("pd", 2): (5.58, 9.05)}
+
+
+def markdown_paper(df):
+    """Our rows beside the paper's CIFAR-10 numbers, labelled as different data and scale."""
+    rows = []
+    for r in df.itertuples():
+        paper = PAPER_TABLE1.get((r.method, r.nfe if r.method == "teacher" else r.steps))
+        rows.append({"method": LABELS.get(r.method, r.method), "steps": r.steps, "nfe": r.nfe,
+                     "paper FID (CIFAR-10)": f"{paper[0]:.2f}" if paper else "-",
+                     "paper IS (CIFAR-10)": f"{paper[1]:.2f}" if paper else "-",
+                     f"our FID ({r.dataset})": f"{r.fid:.2f}",
+                     f"our IS ({r.dataset})": f"{r.isc:.2f}"})
+    table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    note = ("The paper's columns are CIFAR-10 at 32x32 with Inception features and 50k samples; "
+            "ours are the configured data set, extractor and sample count (see table1.md). The "
+            "values are not comparable; only the orderings within each column are.")
+    return f"{note}\n\n{table}\n"
+
+
+def _write(df, out_csv, md):
     tmp = f"{out_csv}.tmp"
     df.to_csv(tmp, index=False)
     os.replace(tmp, out_csv)
     with open(os.path.splitext(out_csv)[0] + ".md", "w") as f:
-        f.write(markdown(df))
+        f.write(md)
+
+
+def write_table(paths, out_csv):
+    """Write ``out_csv``, the Markdown table beside it and the paper comparison (_paper.md)."""
+    df = gather(paths)
+    _write(df, out_csv, markdown(df))
+    with open(os.path.splitext(out_csv)[0] + "_paper.md", "w") as f:
+        f.write(markdown_paper(df))
+    return df
+
+
+def write_steps_figure(paths, out_csv, out_png):
+    """Fig. 4 counterpart: FID against the number of sampling steps per method (CSV, MD, PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    df = gather(paths)
+    view = df.assign(method=df["method"].map(LABELS))
+    view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall", "taus"]]
+    _write(df, out_csv, view.to_markdown(index=False, floatfmt=".3f") + "\n")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sns.lineplot(data=df.assign(method=df["method"].map(LABELS)), x="steps", y="fid",
+                 hue="method", marker="o", ax=ax)
+    ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="FID",
+           title=f"FID vs sampling steps ({df['dataset'].iloc[0]})")
+    ax.set_xticks(sorted(df["steps"].unique()), [str(s) for s in sorted(df["steps"].unique())])
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
     return df
 
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT, snakemake, tiny_config
 
 RULES = ["resolved_config", "prepare_data", "train_classifier", "train_teacher", "train_cd",
-         "train_ct", "train_pd", "train_untrained", "sample", "evaluate", "table1", "theorem1"]
+         "train_ct", "train_pd", "train_untrained", "sample", "evaluate", "table1", "theorem1",
+         "figure4"]
 
 
 def test_dry_run_of_the_default_config_lists_every_rule():
@@ -56,6 +57,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert table.set_index("method").loc["teacher", "nfe"] == 7  # Heun: 2 * 4 - 1
     assert (table["feature_extractor"].str.contains("classifier")).all()
     assert "| CD" in (out / "tables" / "table1.md").read_text()
+    paper = (out / "tables" / "table1_paper.md").read_text()
+    assert "not comparable" in paper and "3.55" in paper and "2.04" in paper
+    # Fig. 4: every (method, steps) of the curve, with the taus that were used.
+    fig4 = pd.read_csv(out / "tables" / "fig4_steps.csv")
+    assert sorted(zip(fig4["method"], fig4["steps"], strict=True)) == sorted(
+        (m, n) for m in ("cd", "ct", "pd") for n in (1, 2, 4))
+    assert set(fig4.loc[fig4["method"] == "cd", "taus"]) == {"-", "0.8", "2 0.8 0.3"}
+    assert (out / "plots" / "fig4_steps.png").stat().st_size > 0
     # Provenance: the resolved config lies beside the results.
     assert "code version" in (out / "config.yaml").read_text()
     # A second run has nothing to do.

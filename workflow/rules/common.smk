@@ -27,7 +27,7 @@ def sampler_steps(method):
         return [CFG["teacher"]["sampler_steps"]]
     if method == "untrained":
         return [1]
-    return CFG["sampling"]["steps"]
+    return sorted(set(CFG["sampling"]["steps"]) | set(CFG["sampling"]["curve_steps"]))
 
 
 def train_rule_io(method):
@@ -41,6 +41,14 @@ def train_rule_io(method):
 
 METHODS = ["teacher", "cd", "ct", "pd", "untrained"]
 RUNS = [(m, n) for m in METHODS for n in sampler_steps(m)]
+TABLE1_RUNS = [
+    (m, n)
+    for m, n in RUNS
+    if m in ("teacher", "untrained") or n in CFG["sampling"]["steps"]
+]
+CURVE_RUNS = [
+    (m, n) for m in ("cd", "ct", "pd") for n in CFG["sampling"]["curve_steps"]
+]
 
 
 def extractor_weights(wildcards):

@@ -1,10 +1,11 @@
 rule table1:
     input:
         cfg=RESOLVED,
-        metrics=[f"{OUT}/metrics/{m}/steps{n}.json" for m, n in RUNS],
+        metrics=[f"{OUT}/metrics/{m}/steps{n}.json" for m, n in TABLE1_RUNS],
     output:
         csv=f"{OUT}/tables/table1.csv",
         md=f"{OUT}/tables/table1.md",
+        paper=f"{OUT}/tables/table1_paper.md",
     log:
         f"{OUT}/logs/table1.log",
     benchmark:
@@ -42,8 +43,30 @@ rule theorem1:
         "cm theorem1 --config {input.cfg} --out {params.out} --threads {threads} > {log} 2>&1"
 
 
+rule figure4:
+    input:
+        cfg=RESOLVED,
+        metrics=[f"{OUT}/metrics/{m}/steps{n}.json" for m, n in CURVE_RUNS],
+    output:
+        csv=f"{OUT}/tables/fig4_steps.csv",
+        md=f"{OUT}/tables/fig4_steps.md",
+        plot=f"{OUT}/plots/fig4_steps.png",
+    log:
+        f"{OUT}/logs/figure4.log",
+    benchmark:
+        f"{OUT}/benchmarks/figure4.tsv"
+    conda:
+        ENV
+    resources:
+        **res("light"),
+    shell:
+        "cm figure4 --config {input.cfg} --metrics {input.metrics} --out {output.csv}"
+        " --plot {output.plot} > {log} 2>&1"
+
+
 rule reproduce_table:
     input:
         rules.table1.output,
         [f"{OUT}/plots/samples_{m}_{n}step.png" for m, n in RUNS],
         rules.theorem1.output if CFG["theorem1"]["enabled"] else [],
+        rules.figure4.output if CFG["sampling"]["curve_steps"] else [],
