@@ -8,6 +8,7 @@ rule train_teacher:
         train_rule_io("teacher")["log"],
     benchmark:
         train_rule_io("teacher")["benchmark"]
+    priority: 2
     conda:
         ENV
     threads: CFG["threads"]
@@ -29,6 +30,7 @@ rule train_cd:
         train_rule_io("cd")["log"],
     benchmark:
         train_rule_io("cd")["benchmark"]
+    priority: 1
     conda:
         ENV
     threads: CFG["threads"]
@@ -70,6 +72,7 @@ rule train_pd:
         train_rule_io("pd")["log"],
     benchmark:
         train_rule_io("pd")["benchmark"]
+    priority: 1
     conda:
         ENV
     threads: CFG["threads"]
