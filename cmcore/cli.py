@@ -139,6 +139,22 @@ def _figure4(args, cfg):
     return f"wrote {args.out} and {args.plot}"
 
 
+def _bench(args, cfg):
+    from cmcore.bench import FIGURES, NETS, run_bench
+
+    only = args.only.split(",") if args.only else None
+    if args.dry_run:
+        return (f"would time {only or list(FIGURES)} for net {args.net!r} at batch "
+                f"{args.batch or NETS[args.net]['batch']} on {args.device} -> {args.out}")
+    records = run_bench(cfg, net=args.net, batch=args.batch, device=args.device,
+                        repeats=args.repeats, warmup=args.warmup, bf16=args.bf16, tf32=args.tf32,
+                        compile=args.compile, lpips=args.lpips, classifier=args.classifier,
+                        inception=args.inception_weights, reference_edm=args.reference_edm,
+                        only=only, out=args.out)
+    timed = sum("img_per_s" in r for r in records)
+    return f"wrote {args.out}: {timed} timed figures, {len(records) - timed} other lines"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="cm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +190,22 @@ def build_parser():
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--plot", required=True, help="PNG of FID against steps")
     add("theorem1", _theorem1, "Theorem 1 and 2 on an exact Gaussian mixture (--out: folder)")
+    p = add("bench", _bench, "time every training and sampling step (--out: JSON lines)")
+    p.add_argument("--net", default="embedded", choices=["embedded", "cifar10"])
+    p.add_argument("--batch", type=int, default=None, help="default: the net's (128 / 512)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (5 CPU, 20 GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (1 CPU, 3 GPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TF32 matmuls and convolutions (default: on for CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained networks")
+    p.add_argument("--lpips", action="store_true", help="also time CD with LPIPS (slow on CPU)")
+    p.add_argument("--classifier", default=None, help="digits classifier (default: random)")
+    p.add_argument("--inception-weights", default=None, help="time Inception features too")
+    p.add_argument("--reference-edm", default=None, help="NVlabs/edm checkout to compare with")
+    p.add_argument("--only", default=None, help="comma-separated figures (default: all)")
     return parser
 
 

@@ -78,8 +78,9 @@ def _check_semantics(cfg):
         inside = not taus or d["sigma_min"] < taus[-1] <= taus[0] < d["sigma_max"]
         if any(a <= b for a, b in zip(taus, taus[1:], strict=False)) or not inside:
             return f"sampling.tau.{n}: times must decrease strictly within (sigma_min, sigma_max)"
-    if max(all_steps) > start or any(n & (n - 1) for n in all_steps):
-        return f"sampling: PD can only sample with powers of two up to pd.start_steps = {start}"
+    if max(all_steps) > start // 2 or any(n & (n - 1) for n in all_steps):
+        return (f"sampling: PD students sample with powers of two up to pd.start_steps / 2 = "
+                f"{start // 2}; raise pd.start_steps or drop the larger step counts")
     ds, ev = cfg["dataset"], cfg["evaluation"]
     if ds["name"] == "cifar10" and not (ds["path"] and os.path.isfile(ds["path"])):
         return (f"dataset.path: CIFAR-10 tarball not found at {ds['path']!r}; download "

@@ -5,6 +5,12 @@ Methods: ``teacher`` (EDM denoising loss), ``cd`` (consistency distillation, ini
 the teacher as in the paper), ``ct`` (consistency training, random initialisation), ``pd``
 (progressive distillation, one stage per halving), ``untrained`` (the random initialisation of a
 consistency model, the floor every method must beat).
+
+Preemption: every ``ckpt_every`` iterations, and at the end of the step in which SIGTERM or
+SIGUSR1 arrives, the run writes its resume file ``<out>.partial`` (cmcore.checkpoints); a signal
+then ends it with Preempted (exit status 143 for SIGTERM, 138 for SIGUSR1). ``train`` continues
+from a resume file of the same run and reaches bitwise the same checkpoint as an uninterrupted
+run on CPU. ``<out>`` is written only when training completes.
 """
 
 import copy
@@ -16,6 +22,15 @@ import time
 import torch
 
 from cmcore import objectives, schedules
+from cmcore.checkpoints import (  # noqa: F401  (CheckpointError, FORMAT: re-exported)
+    FORMAT,
+    CheckpointError,
+    ResumeFile,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+    set_rng_states,
+)
 from cmcore.config import code_version
 from cmcore.data import load_prepared, to_model_space
 from cmcore.distances import get_distance
@@ -23,12 +38,7 @@ from cmcore.networks import build_network
 from cmcore.precond import ConsistencyFunction, Denoiser
 from cmcore.solvers import get_solver
 
-FORMAT = "cmcore-checkpoint/1"
 METHODS = ("teacher", "cd", "ct", "pd", "untrained")
-
-
-class CheckpointError(Exception):
-    """A checkpoint is missing, truncated or foreign; the message names the file."""
 
 
 def pick_device(name):
@@ -56,28 +66,6 @@ def make_model(net_cfg, kind, diffusion):
     return ConsistencyFunction(F, diffusion["sigma_data"], diffusion["sigma_min"])
 
 
-def save_checkpoint(path, payload):
-    """torch.save to a temporary file, then rename: a reader never sees a partial file."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """A cmcore checkpoint (plain tensors and config only, loaded with weights_only=True)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; run the training step that writes it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign or pickled-class files all land here
-        raise CheckpointError(
-            f"{path} is not a readable cmcore checkpoint ({type(e).__name__}); delete it and "
-            "re-run the step that writes it") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a cmcore checkpoint (no format tag {FORMAT!r})")
-    return ckpt
-
-
 def model_from_checkpoint(ckpt, weights="ema", stage=None):
     """The network of a checkpoint in eval mode; ``stage`` picks a PD student by step count."""
     model = make_model(ckpt["net"], ckpt["kind"], ckpt["config"]["diffusion"])
@@ -92,10 +80,10 @@ def _optimizer(model, opt):
 
 
 class CSVLog:
-    """Append rows (dicts) to a CSV file, header taken from the first row."""
+    """Append rows (dicts) to a CSV file, header taken from the first row; ``rows`` keeps them."""
 
     def __init__(self, path):
-        self.path, self.writer, self.file = path, None, None
+        self.path, self.writer, self.file, self.rows = path, None, None, []
 
     def write(self, row):
         if self.writer is None:
@@ -104,28 +92,64 @@ class CSVLog:
             self.writer.writeheader()
         self.writer.writerow(row)
         self.file.flush()
+        self.rows.append(row)
+
+    def restore(self, rows):
+        """Rewrite the file with the rows of a resumed run."""
+        for row in rows:
+            self.write(row)
 
     def close(self):
         if self.file is not None:
             self.file.close()
 
 
-def fit(model, loss_fn, opt, log, after_step=None, echo=print, label=""):
+def _check_finite(first_bad, loss, params, label, k, resume):
+    """FloatingPointError, before anything is logged or saved, if the loss was non-finite at any
+    step so far (``first_bad`` holds the first such step, 0 for none) or a parameter is."""
+    first, value = int(first_bad), loss.item()
+    if first or not math.isfinite(value):
+        where = f"{label} loss is {value} at step {k}" + (
+            f" (first non-finite at step {first})" if first and first != k else "")
+    elif resume is not None and not torch.stack([p.isfinite().all() for p in params]).all():
+        where = f"{label} parameters are not finite at step {k}"
+    else:
+        return value
+    hint = "" if resume is None else f"; {resume.last_good()}"
+    raise FloatingPointError(f"{where}; lower the lr{hint}")
+
+
+def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=None,
+        start=None):
     """Run ``opt['iters']`` steps of loss_fn(k) -> (loss, stats); return (ema, optimizer).
 
     Per step: lr warm-up, backward, optional gradient clipping, optimizer step, after_step(k)
     (the target-network update), then the evaluation EMA with decay min(ema, (1+k)/(10+k)).
+    ``resume`` (a ResumeFile) saves the state after every ``resume.every`` steps and after the
+    step in which a stop signal arrived (then raises Preempted); ``start``, such a saved state,
+    is where the loop continues. A non-finite loss raises FloatingPointError at the next log
+    row or save, before either is written, so the resume file keeps the last good state.
     """
     optimizer = _optimizer(model, opt)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    K, t0 = opt["iters"], time.time()
+    K, k0, t0 = opt["iters"], 0, time.time()
+    if start is not None:
+        model.load_state_dict(start["model"])
+        ema.load_state_dict(start["ema"])
+        optimizer.load_state_dict(start["optimizer"])
+        k0, t0 = start["k"], t0 - start["seconds"]
+        set_rng_states(start["rng"])  # last: from here on the random numbers of step k0 + 1
+    first_bad = torch.zeros((), dtype=torch.long)
     model.train()
-    for k in range(K):
+    for k in range(k0, K):
         lr = opt["lr"] * min(1.0, (k + 1) / opt["warmup"]) if opt["warmup"] else opt["lr"]
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, stats = loss_fn(k)
+        # The first step with a non-finite loss, tracked without a host-device sync.
+        first_bad = torch.where((first_bad.to(loss.device) == 0) & ~loss.detach().isfinite(),
+                                k + 1, first_bad.to(loss.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if opt["grad_clip"]:
@@ -135,31 +159,55 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label=""):
             after_step(k, stats)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - schedules.ema_warmup_decay(opt["ema"], k))
-        if (k + 1) % opt["log_every"] == 0 or k + 1 == K:
-            value = loss.item()  # the only host-device sync, at logging intervals
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{label} loss is {value} at step {k + 1}; lower the lr")
+        log_now = (k + 1) % opt["log_every"] == 0 or k + 1 == K
+        if log_now:  # a host-device sync, as is the check before saving
+            value = _check_finite(first_bad, loss, params, label, k + 1, resume)
             row = {"stage": label, "step": k + 1, "loss": value, "lr": lr, **stats,
                    "seconds": round(time.time() - t0, 2)}
             log.write(row)
             echo(" ".join(f"{key}={val:.5g}" if isinstance(val, float) else f"{key}={val}"
                           for key, val in row.items()))
+        if resume is not None and resume.due(k + 1):  # due also when a signal came
+            if not log_now:
+                _check_finite(first_bad, loss, params, label, k + 1, resume)
+            resume.save({"label": label, "k": k + 1, "model": model.state_dict(),
+                         "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "log": list(log.rows), "seconds": round(time.time() - t0, 2)})
+            if resume.stop is not None:
+                raise resume.preempted()
     return ema, optimizer
 
 
+def _section(method):
+    """The config section holding a method's training settings."""
+    return "teacher" if method in ("teacher", "untrained") else method
+
+
 def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
-    """Train ``method`` on the prepared data and write its checkpoint to ``out_path``."""
+    """Train ``method`` on the prepared data and write its checkpoint to ``out_path``.
+
+    Continues from the resume file ``<out_path>.partial`` when one of this run exists (a
+    foreign, stale or unreadable one is a CheckpointError saying to delete it) and deletes it
+    once ``out_path`` is written. SIGTERM/SIGUSR1 raise Preempted after saving it (exit status
+    128 + signal number when uncaught).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     torch.manual_seed(cfg["seed"])
     device = pick_device(cfg["device"])
-    x_all = to_model_space(load_prepared(data_path)[0]).to(device)
+    data = load_prepared(data_path)[0]
+    x_all = to_model_space(data).to(device)
     net_cfg = network_config(cfg, x_all.shape)
     diff = cfg["diffusion"]
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
     if method in ("cd", "pd"):
         teacher = model_from_checkpoint(load_checkpoint(teacher_path)).to(device)
+    section = _section(method)
+    identity = run_identity(cfg, method, section, data,
+                            None if teacher is None else teacher.state_dict())
+    resume = ResumeFile(out_path, identity, cfg[section]["ckpt_every"])
+    start = resume.load()
 
     def batch(size):
         x = x_all[torch.randint(0, x_all.shape[0], (size,), device=device)]
@@ -171,23 +219,28 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
     log = CSVLog(os.path.join(os.path.dirname(out_path) or ".", "train_log.csv"))
     payload = {"format": FORMAT, "method": method, "net": net_cfg, "config": cfg,
                "seed": cfg["seed"], "code_version": code_version()}
-    try:
-        if method == "pd":
-            payload.update(_train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device))
-        else:
-            payload.update(_train_single(cfg, method, teacher, batch, grid, log, echo, net_cfg,
-                                         device))
-    finally:
-        log.close()
-    save_checkpoint(out_path, payload)
+    args = (cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start)
+    with resume.catching_signals():
+        try:
+            if start is not None:
+                log.restore(start["log"])
+                echo(f"resuming {method} from {resume.path} at {resume.saved}")
+            if method == "pd":
+                payload.update(_train_pd(*args))
+            else:
+                payload.update(_train_single(method, *args))
+        finally:
+            log.close()
+        save_checkpoint(out_path, payload)
+        resume.remove()
     return payload
 
 
-def _train_single(cfg, method, teacher, batch, grid, log, echo, net_cfg, device):
+def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start):
     """Teacher, CD, CT or the untrained baseline: one run of ``fit``."""
     kind = "denoiser" if method == "teacher" else "consistency"
     model = make_model(net_cfg, kind, cfg["diffusion"]).to(device)
-    opt = cfg["teacher" if method in ("teacher", "untrained") else method]
+    opt = cfg[_section(method)]
     if method == "untrained":
         opt = {**opt, "iters": 0}
     target, loss_fn, after = None, None, None
@@ -199,6 +252,9 @@ def _train_single(cfg, method, teacher, batch, grid, log, echo, net_cfg, device)
         if method == "cd":  # the paper initialises CD from the teacher
             model.model.load_state_dict(teacher.model.state_dict())
         target = copy.deepcopy(model).eval().requires_grad_(False)
+        if start is not None:
+            target.load_state_dict(start["target"])
+        resume.extra = lambda: {"target": target.state_dict()}
         distance = get_distance(opt["distance"], cfg["distance_options"]["lpips_backbone"])
         if hasattr(distance, "to"):
             distance = distance.to(device)
@@ -210,7 +266,8 @@ def _train_single(cfg, method, teacher, batch, grid, log, echo, net_cfg, device)
             with torch.no_grad():
                 torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
                                      1 - stats["mu"])
-    ema, optimizer = fit(model, loss_fn, opt, log, after, echo, label=method)
+    ema, optimizer = fit(model, loss_fn, opt, log, after, echo, label=method, resume=resume,
+                         start=start)
     return {"kind": kind, "model": model.state_dict(), "ema": ema.state_dict(),
             "target": None if target is None else target.state_dict(),
             "optimizer": optimizer.state_dict(), "step": opt["iters"], "train_iters": opt["iters"]}
@@ -238,18 +295,26 @@ def _ct_loss(f, target, opt, batch, grid, distance):
     return loss_fn
 
 
-def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device):
+def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start):
     """Progressive distillation: halve the sampling steps per stage, each student initialised
     from (and then teacher of the next) the EMA of the previous stage."""
     opt, sd = cfg["pd"], cfg["diffusion"]["sigma_data"]
     stages, current, steps = {}, teacher, cfg["pd"]["start_steps"] // 2
+    if start is not None:  # resume inside stage ``steps``, after the stages already finished
+        stages, steps = dict(start["stages"]), start["stage_steps"]
+        if str(2 * steps) in stages:
+            current = copy.deepcopy(teacher)
+            current.load_state_dict(stages[str(2 * steps)])
     while steps >= 1:
         student = copy.deepcopy(current).train().requires_grad_(True)
 
         def loss_fn(k, student=student, current=current, steps=steps):
             return objectives.progressive_distillation_loss(
                 student, current, batch(opt["batch"]), steps, sd, **grid), {"steps": steps}
-        ema, _ = fit(student, loss_fn, opt, log, None, echo, label=f"pd{steps}")
+        resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
+        ema, _ = fit(student, loss_fn, opt, log, None, echo, label=f"pd{steps}", resume=resume,
+                     start=start)
+        start = None
         stages[str(steps)] = ema.state_dict()
         current, steps = ema, steps // 2
     return {"kind": "denoiser", "model": None, "ema": stages["1"], "target": None,

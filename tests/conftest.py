@@ -23,7 +23,7 @@ TINY = {
            "log_every": 2},
     "ct": {"iters": 4, "batch": 32, "lr": 0.0004, "optimizer": "radam", "s0": 2, "s1": 10,
            "log_every": 2},
-    "pd": {"iters": 2, "batch": 32, "lr": 0.0002, "start_steps": 4, "log_every": 2},
+    "pd": {"iters": 2, "batch": 32, "lr": 0.0002, "start_steps": 8, "log_every": 2},
     "sampling": {"num_samples": 120, "batch": 120, "steps": [1, 2], "curve_steps": [1, 2, 4],
                  "tau": {"2": [0.8], "4": [2.0, 0.8, 0.3]}},
     "evaluation": {"classifier": {"iters": 30}},
