@@ -248,10 +248,11 @@ class UNetBlock(nn.Module):
         """Multi-head dot-product self-attention softmax(q^T k / sqrt(c)) v over H*W positions."""
         b, c, h, w = x.shape
         # qkv channels are laid out as (head, channel, {q,k,v}), as in EDM.
-        qkv = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, h * w)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (b * heads, h * w, c_head)
-        a = F.scaled_dot_product_attention(q, k, v)  # (b * heads, h * w, c_head)
-        return self.proj(a.transpose(1, 2).reshape(b, c, h, w))
+        qkv = self.qkv(self.norm2(x)).reshape(b, self.num_heads, c // self.num_heads, 3, h * w)
+        # 4-D, contiguous (b, heads, h * w, c_head) inputs let SDPA pick a fused kernel on CUDA.
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # (b, heads, h * w, c_head)
+        return self.proj(a.permute(0, 1, 3, 2).reshape(b, c, h, w))
 
     def forward(self, x, emb):
         orig = x
