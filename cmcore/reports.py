@@ -9,7 +9,7 @@ import pandas as pd
 METHOD_ORDER = {"teacher": 0, "cd": 1, "ct": 2, "pd": 3, "untrained": 4}
 COLUMNS = ["dataset", "method", "steps", "nfe", "fid", "isc", "isc_std", "precision", "recall",
            "num_samples", "feature_extractor", "extractor_accuracy", "reference_set",
-           "train_iters", "sampler", "taus", "seed", "code_version"]
+           "train_iters", "distance", "sampler", "taus", "seed", "code_version"]
 LABELS = {"teacher": "EDM teacher (Heun)", "cd": "CD", "ct": "CT", "pd": "PD",
           "untrained": "untrained network"}
 
@@ -32,8 +32,8 @@ def gather(paths):
 def markdown(df):
     """A readable Markdown table: the headline columns, numbers rounded, provenance below."""
     view = df.assign(method=df["method"].map(LABELS).fillna(df["method"]))
-    view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall", "taus",
-                 "train_iters"]]
+    view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall", "distance",
+                 "taus", "train_iters"]]
     table = view.to_markdown(index=False, floatfmt=".3f")
     first = df.iloc[0]
     notes = [

@@ -31,6 +31,19 @@ def ddim_sample(D, z, steps, eps=0.002, T=80.0, rho=7.0):
     return x
 
 
+def training_distance(ckpt):
+    """The distance d a checkpoint was trained with, naming LPIPS's backbone ('-' if none)."""
+    method, cfg = ckpt["method"], ckpt["config"]
+    if method not in ("cd", "ct"):
+        return "l2 (denoising)" if method in ("teacher", "pd") else "-"
+    name = cfg[method]["distance"]
+    if name == "lpips":
+        backbone = cfg["distance_options"]["lpips_backbone"]
+        return "lpips (ImageNet AlexNet)" if backbone == "pretrained" else \
+            "lpips (RANDOM AlexNet, not the paper's LPIPS)"
+    return name
+
+
 def sample_checkpoint(ckpt, cfg, steps):
     """Draw cfg['sampling']['num_samples'] samples from a checkpoint with ``steps`` steps.
 
@@ -81,5 +94,5 @@ def sample_checkpoint(ckpt, cfg, steps):
         left -= n
     meta = {"method": method, "steps": steps, "nfe": nfe, "sampler": sampler, "taus": taus,
             "num_samples": smp["num_samples"], "seed": cfg["seed"],
-            "train_iters": ckpt.get("train_iters")}
+            "train_iters": ckpt.get("train_iters"), "distance": training_distance(ckpt)}
     return np.concatenate(chunks), meta

@@ -80,3 +80,15 @@ def test_lpips_random_backbone_and_missing_weights(monkeypatch, tmp_path):
     assert not lpips_backbone_available()
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
         LPIPS(backbone="pretrained")
+
+
+def test_training_distance_labels_lpips_backbone():
+    from cmcore.sampling import training_distance
+
+    cfg = {"cd": {"distance": "lpips"}, "ct": {"distance": "l1"},
+           "distance_options": {"lpips_backbone": "random"}}
+    assert "RANDOM" in training_distance({"method": "cd", "config": cfg})
+    assert training_distance({"method": "ct", "config": cfg}) == "l1"
+    cfg["distance_options"]["lpips_backbone"] = "pretrained"
+    assert training_distance({"method": "cd", "config": cfg}) == "lpips (ImageNet AlexNet)"
+    assert training_distance({"method": "untrained", "config": cfg}) == "-"
