@@ -11,6 +11,9 @@ SIGUSR1 arrives, the run writes its resume file ``<out>.partial`` (cmcore.checkp
 then ends it with Preempted (exit status 143 for SIGTERM, 138 for SIGUSR1). ``train`` continues
 from a resume file of the same run and reaches bitwise the same checkpoint as an uninterrupted
 run on CPU. ``<out>`` is written only when training completes.
+
+Data parallel: under ``torchrun --nproc_per_node=P`` each rank trains on its B/P rows of the
+global batch B, gradients averaged by DDP, and only rank 0 writes files (cmcore.distributed).
 """
 
 import copy
@@ -34,6 +37,7 @@ from cmcore.checkpoints import (  # noqa: F401  (CheckpointError, FORMAT: re-exp
 from cmcore.config import code_version
 from cmcore.data import load_prepared, to_model_space
 from cmcore.distances import get_distance
+from cmcore.distributed import World
 from cmcore.networks import build_network
 from cmcore.precond import ConsistencyFunction, Denoiser
 from cmcore.solvers import get_solver
@@ -80,18 +84,20 @@ def _optimizer(model, opt):
 
 
 class CSVLog:
-    """Append rows (dicts) to a CSV file, header taken from the first row; ``rows`` keeps them."""
+    """Append rows (dicts) to a CSV file, header taken from the first row; ``rows`` keeps them.
+    ``path`` None: keep the rows only (the ranks of a data-parallel run other than 0)."""
 
     def __init__(self, path):
         self.path, self.writer, self.file, self.rows = path, None, None, []
 
     def write(self, row):
-        if self.writer is None:
-            self.file = open(self.path, "w", newline="")  # closed in close()
-            self.writer = csv.DictWriter(self.file, fieldnames=list(row))
-            self.writer.writeheader()
-        self.writer.writerow(row)
-        self.file.flush()
+        if self.path is not None:
+            if self.writer is None:
+                self.file = open(self.path, "w", newline="")  # closed in close()
+                self.writer = csv.DictWriter(self.file, fieldnames=list(row))
+                self.writer.writeheader()
+            self.writer.writerow(row)
+            self.file.flush()
         self.rows.append(row)
 
     def restore(self, rows):
@@ -104,10 +110,21 @@ class CSVLog:
             self.file.close()
 
 
-def _check_finite(first_bad, loss, params, label, k, resume):
+class _FollowerResume(ResumeFile):
+    """The resume file as a rank other than 0 sees it: read at the start, never written."""
+
+    def save(self, state):
+        self.saved = f"{state['label']} step {state['k']}"
+
+    def remove(self):
+        pass
+
+
+def _check_finite(first_bad, loss, params, label, k, resume, world):
     """FloatingPointError, before anything is logged or saved, if the loss was non-finite at any
-    step so far (``first_bad`` holds the first such step, 0 for none) or a parameter is."""
-    first, value = int(first_bad), loss.item()
+    step so far (``first_bad`` holds the first such step, 0 for none) or a parameter is. Loss and
+    step are reduced over the ranks: every rank raises alike."""
+    first, value = int(world.first_bad(first_bad)), world.mean(loss).item()
     if first or not math.isfinite(value):
         where = f"{label} loss is {value} at step {k}" + (
             f" (first non-finite at step {first})" if first and first != k else "")
@@ -120,7 +137,7 @@ def _check_finite(first_bad, loss, params, label, k, resume):
 
 
 def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=None,
-        start=None):
+        start=None, world=None):
     """Run ``opt['iters']`` steps of loss_fn(k) -> (loss, stats); return (ema, optimizer).
 
     Per step: lr warm-up, backward, optional gradient clipping, optimizer step, after_step(k)
@@ -129,7 +146,10 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     step in which a stop signal arrived (then raises Preempted); ``start``, such a saved state,
     is where the loop continues. A non-finite loss raises FloatingPointError at the next log
     row or save, before either is written, so the resume file keeps the last good state.
+    ``world`` (cmcore.distributed.World): loss_fn runs with per-example draws made at the
+    global batch ``opt['batch']``; logged losses are global means; a stop signal stops all.
     """
+    world = world or World()
     optimizer = _optimizer(model, opt)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -140,13 +160,15 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
         optimizer.load_state_dict(start["optimizer"])
         k0, t0 = start["k"], t0 - start["seconds"]
         set_rng_states(start["rng"])  # last: from here on the random numbers of step k0 + 1
+        world.restore_rng(start["rng"])
     first_bad = torch.zeros((), dtype=torch.long)
     model.train()
     for k in range(k0, K):
         lr = opt["lr"] * min(1.0, (k + 1) / opt["warmup"]) if opt["warmup"] else opt["lr"]
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, stats = loss_fn(k)
+        with world.global_draws(opt["batch"]):
+            loss, stats = loss_fn(k)
         # The first step with a non-finite loss, tracked without a host-device sync.
         first_bad = torch.where((first_bad.to(loss.device) == 0) & ~loss.detach().isfinite(),
                                 k + 1, first_bad.to(loss.device))
@@ -161,19 +183,25 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
             torch._foreach_lerp_(ema_params, params, 1 - schedules.ema_warmup_decay(opt["ema"], k))
         log_now = (k + 1) % opt["log_every"] == 0 or k + 1 == K
         if log_now:  # a host-device sync, as is the check before saving
-            value = _check_finite(first_bad, loss, params, label, k + 1, resume)
+            value = _check_finite(first_bad, loss, params, label, k + 1, resume, world)
             row = {"stage": label, "step": k + 1, "loss": value, "lr": lr, **stats,
                    "seconds": round(time.time() - t0, 2)}
             log.write(row)
             echo(" ".join(f"{key}={val:.5g}" if isinstance(val, float) else f"{key}={val}"
                           for key, val in row.items()))
-        if resume is not None and resume.due(k + 1):  # due also when a signal came
+        # ResumeFile.due, decided once for every rank: the stop requests of all ranks so far
+        # (a signal arriving later, say during the save, counts for the next step).
+        stop = None if resume is None else world.agree_stop(resume.stop)
+        if resume is not None and (stop is not None or resume.every > 0
+                                   and (k + 1) % resume.every == 0):
             if not log_now:
-                _check_finite(first_bad, loss, params, label, k + 1, resume)
+                _check_finite(first_bad, loss, params, label, k + 1, resume, world)
             resume.save({"label": label, "k": k + 1, "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                          "log": list(log.rows), "seconds": round(time.time() - t0, 2)})
-            if resume.stop is not None:
+            if stop is not None:
+                resume.stop = resume.stop or stop  # the signal another rank received
+                world.barrier()  # rank 0 has written the resume file before any rank exits
                 raise resume.preempted()
     return ema, optimizer
 
@@ -189,12 +217,25 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
     Continues from the resume file ``<out_path>.partial`` when one of this run exists (a
     foreign, stale or unreadable one is a CheckpointError saying to delete it) and deletes it
     once ``out_path`` is written. SIGTERM/SIGUSR1 raise Preempted after saving it (exit status
-    128 + signal number when uncaught).
+    128 + signal number when uncaught). Under torchrun: data parallel over the ranks, the
+    config's batch being global (a ValueError unless divisible by the world size); rank 0
+    writes the files, every rank returns the payload.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    section = _section(method)
+    world = World.from_env()
+    if method != "untrained":
+        world.check_batch(cfg[section]["batch"], f"{section}.batch")
     torch.manual_seed(cfg["seed"])
-    device = pick_device(cfg["device"])
+    device = world.start(pick_device(cfg["device"]))
+    try:
+        return _train(cfg, method, data_path, out_path, teacher_path, echo, world, device)
+    finally:
+        world.close()
+
+
+def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
     data = load_prepared(data_path)[0]
     x_all = to_model_space(data).to(device)
     net_cfg = network_config(cfg, x_all.shape)
@@ -206,20 +247,24 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
     section = _section(method)
     identity = run_identity(cfg, method, section, data,
                             None if teacher is None else teacher.state_dict())
-    resume = ResumeFile(out_path, identity, cfg[section]["ckpt_every"])
+    resume = (ResumeFile if world.is_main else _FollowerResume)(
+        out_path, identity, cfg[section]["ckpt_every"])
     start = resume.load()
+    if not world.is_main:
+        echo = lambda line: None  # noqa: E731
 
     def batch(size):
         x = x_all[torch.randint(0, x_all.shape[0], (size,), device=device)]
         if cfg["dataset"]["xflip"]:
             flip = torch.rand(size, device=device) < 0.5
             x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-        return x
+        return world.local(x)  # this rank's rows of the global batch
 
-    log = CSVLog(os.path.join(os.path.dirname(out_path) or ".", "train_log.csv"))
+    log = CSVLog(os.path.join(os.path.dirname(out_path) or ".", "train_log.csv")
+                 if world.is_main else None)
     payload = {"format": FORMAT, "method": method, "net": net_cfg, "config": cfg,
                "seed": cfg["seed"], "code_version": code_version()}
-    args = (cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start)
+    args = (cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world)
     with resume.catching_signals():
         try:
             if start is not None:
@@ -231,12 +276,14 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
                 payload.update(_train_single(method, *args))
         finally:
             log.close()
-        save_checkpoint(out_path, payload)
-        resume.remove()
+        if world.is_main:
+            save_checkpoint(out_path, payload)
+            resume.remove()
     return payload
 
 
-def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start):
+def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start,
+                  world):
     """Teacher, CD, CT or the untrained baseline: one run of ``fit``."""
     kind = "denoiser" if method == "teacher" else "consistency"
     model = make_model(net_cfg, kind, cfg["diffusion"]).to(device)
@@ -245,9 +292,11 @@ def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device,
         opt = {**opt, "iters": 0}
     target, loss_fn, after = None, None, None
     if method == "teacher":
+        net = world.wrap(model)
+
         def loss_fn(k):
             sd = cfg["diffusion"]["sigma_data"]
-            return objectives.edm_loss(model, batch(opt["batch"]), sd), {}
+            return objectives.edm_loss(net, batch(opt["batch"]), sd), {}
     elif method in ("cd", "ct"):
         if method == "cd":  # the paper initialises CD from the teacher
             model.model.load_state_dict(teacher.model.state_dict())
@@ -258,8 +307,9 @@ def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device,
         distance = get_distance(opt["distance"], cfg["distance_options"]["lpips_backbone"])
         if hasattr(distance, "to"):
             distance = distance.to(device)
-        loss_fn = _cd_loss(model, target, teacher, opt, batch, grid, distance) if method == "cd" \
-            else _ct_loss(model, target, opt, batch, grid, distance)
+        net = world.wrap(model)  # after CD's initialisation; DDP broadcasts rank 0's
+        loss_fn = _cd_loss(net, target, teacher, opt, batch, grid, distance) if method == "cd" \
+            else _ct_loss(net, target, opt, batch, grid, distance)
 
         def after(k, stats):
             # theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
@@ -267,7 +317,7 @@ def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device,
                 torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
                                      1 - stats["mu"])
     ema, optimizer = fit(model, loss_fn, opt, log, after, echo, label=method, resume=resume,
-                         start=start)
+                         start=start, world=world)
     return {"kind": kind, "model": model.state_dict(), "ema": ema.state_dict(),
             "target": None if target is None else target.state_dict(),
             "optimizer": optimizer.state_dict(), "step": opt["iters"], "train_iters": opt["iters"]}
@@ -295,7 +345,7 @@ def _ct_loss(f, target, opt, batch, grid, distance):
     return loss_fn
 
 
-def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start):
+def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world):
     """Progressive distillation: halve the sampling steps per stage, each student initialised
     from (and then teacher of the next) the EMA of the previous stage."""
     opt, sd = cfg["pd"], cfg["diffusion"]["sigma_data"]
@@ -307,13 +357,14 @@ def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, sta
             current.load_state_dict(stages[str(2 * steps)])
     while steps >= 1:
         student = copy.deepcopy(current).train().requires_grad_(True)
+        net = world.wrap(student)
 
-        def loss_fn(k, student=student, current=current, steps=steps):
+        def loss_fn(k, student=net, current=current, steps=steps):
             return objectives.progressive_distillation_loss(
                 student, current, batch(opt["batch"]), steps, sd, **grid), {"steps": steps}
         resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
         ema, _ = fit(student, loss_fn, opt, log, None, echo, label=f"pd{steps}", resume=resume,
-                     start=start)
+                     start=start, world=world)
         start = None
         stages[str(steps)] = ema.state_dict()
         current, steps = ema, steps // 2
