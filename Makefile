@@ -7,13 +7,17 @@ RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: reproduce test lint setup clean
+.PHONY: reproduce test test-cluster lint setup clean
 
 reproduce: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) reproduce_table
 
 test: $(STAMP)
 	$(RUN) python -m pytest -q
+
+# The real single-node Slurm tests (root; Debian's slurm-wlm, installed by .ci/run).
+test-cluster: $(STAMP)
+	$(RUN) python -m pytest -q -m slurm tests/test_slurm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check cmcore tests
