@@ -225,7 +225,8 @@ def main(argv=None):
             FloatingPointError, ValueError) as e:
         print(f"cm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(("[dry run] " if args.dry_run else "") + message)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(("[dry run] " if args.dry_run else "") + message)
     return 0
 
 
