@@ -75,15 +75,22 @@ def _sample(args, cfg):
     return f"wrote {args.out}: {images.shape[0]} samples, NFE {meta['nfe']}"
 
 
+def _extractor_weights(args, cfg):
+    """The feature extractor's weights file: --classifier or evaluation.inception_weights."""
+    ev = cfg["evaluation"]
+    weights = args.classifier if ev["feature_extractor"] == "classifier" else \
+        ev["inception_weights"]
+    if not weights or not os.path.isfile(weights):
+        raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings)")
+    return weights
+
+
 def _evaluate(args, cfg):
     from cmcore.data import load_prepared
     from cmcore.metrics import compute_metrics
 
     ev = cfg["evaluation"]
-    use_classifier = ev["feature_extractor"] == "classifier"
-    weights = args.classifier if use_classifier else ev["inception_weights"]
-    if not weights or not os.path.isfile(weights):
-        raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings)")
+    weights = _extractor_weights(args, cfg)
     reference, _ = load_prepared(args.reference)
     with np.load(args.samples) as f:
         samples = f["arr_0"]
@@ -139,6 +146,42 @@ def _figure4(args, cfg):
     return f"wrote {args.out} and {args.plot}"
 
 
+def _ablate(args, cfg):
+    import pandas as pd
+
+    from cmcore.ablations import run_config, score_snapshots
+    from cmcore.data import load_prepared
+    from cmcore.training import load_checkpoint, train
+
+    method, run_cfg = run_config(cfg, args.run, cfg["seed"])
+    weights = _extractor_weights(args, cfg)
+    if method == "cd":
+        if not args.teacher:
+            raise CheckpointError(f"--teacher is required for the CD run {args.run}")
+        load_checkpoint(args.teacher)  # fail before any work on a bad teacher
+    reference, _ = load_prepared(args.data)
+    checkpoint = os.path.join(os.path.dirname(args.out) or ".", "checkpoint.pt")
+    if args.dry_run:
+        return f"would train {args.run} (seed {cfg['seed']}) -> {checkpoint} and score it"
+    ckpt = train(run_cfg, method, args.data, checkpoint, args.teacher)
+    rows = score_snapshots(ckpt, run_cfg, reference, weights)
+    df = pd.DataFrame(rows).assign(run=args.run, method=method, seed=cfg["seed"],
+                                   feature_extractor=cfg["evaluation"]["feature_extractor"],
+                                   code_version=config_mod.code_version())
+    df.to_csv(f"{args.out}.tmp", index=False)
+    os.replace(f"{args.out}.tmp", args.out)
+    return f"wrote {args.out}: final FID {df['fid'].iloc[-1]:.2f} at {df['iters'].iloc[-1]} it"
+
+
+def _ablation_report(args, cfg):
+    from cmcore.ablations import write_reports
+
+    if args.dry_run:
+        return f"would summarise {len(args.scores)} runs into {args.out}/ and {args.plots}/"
+    written = write_reports(args.scores, cfg, args.out, args.plots)
+    return f"wrote {', '.join(written)} into {args.out}/ and {args.plots}/"
+
+
 def _bench(args, cfg):
     from cmcore.bench import FIGURES, NETS, run_bench
 
@@ -153,6 +196,34 @@ def _bench(args, cfg):
                         only=only, out=args.out)
     timed = sum("img_per_s" in r for r in records)
     return f"wrote {args.out}: {timed} timed figures, {len(records) - timed} other lines"
+
+
+def _convert(args, cfg):
+    from cmcore import convert
+    from cmcore.checkpoints import save_checkpoint
+
+    if bool(args.edm_pickle) == bool(args.openai):
+        raise ValueError("give exactly one of --edm-pickle PATH or --openai PATH")
+    if args.openai:
+        if not args.arch_config:
+            raise ValueError("--openai needs --arch-config (imagenet64, lsun256 or a YAML file)")
+        source = args.openai
+        payload = convert.openai_teacher(args.openai, args.arch_config, cfg)
+    else:
+        source = args.edm_pickle
+        if args.dry_run:  # unpickling runs code: a dry run checks the inputs only
+            convert.check_edm_inputs(args.edm_pickle, args.edm_code, args.allow_pickle)
+            return f"would unpickle {source} with {args.edm_code} and write {args.out}"
+        payload = convert.edm_teacher(args.edm_pickle, args.edm_code, args.allow_pickle, cfg)
+    net = payload["net"]
+    if args.dry_run:
+        return f"would write {args.out}: {source} as a {net['arch']} teacher"
+    save_checkpoint(args.out, payload)
+    size = sum(v.numel() for v in payload["ema"].values()) / 1e6
+    note = "" if cfg["network"]["arch"] == net["arch"] else (
+        f"; note: the config's network.arch is {cfg['network']['arch']!r}, students need "
+        f"{net['arch']!r}")
+    return f"wrote {args.out}: {source} as a {net['arch']} teacher ({size:.1f}M values){note}"
 
 
 def build_parser():
@@ -189,7 +260,22 @@ def build_parser():
     p = add("figure4", _figure4, "FID against sampling steps: CSV and Markdown tables, a plot")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--plot", required=True, help="PNG of FID against steps")
+    p = add("ablate", _ablate, "train one Fig. 3 ablation run and score its EMA snapshots (CSV)")
+    p.add_argument("--run", required=True, help="e.g. cd-heun-N18-l2, ct-adaptive")
+    p.add_argument("--data", required=True, help="prepared data set (npz)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (CD runs)")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
+    p = add("ablation-report", _ablation_report, "Fig. 3 tables (--out: folder) and plots")
+    p.add_argument("--scores", nargs="+", required=True, help="CSV files of cm ablate")
+    p.add_argument("--plots", required=True, help="folder of the PNG figures")
     add("theorem1", _theorem1, "Theorem 1 and 2 on an exact Gaussian mixture (--out: folder)")
+    p = add("convert", _convert, "import an NVlabs/edm pickle or an openai state dict as teacher")
+    p.add_argument("--edm-pickle", default=None, help="NVlabs/edm network pickle (.pkl)")
+    p.add_argument("--edm-code", default=None, help="NVlabs/edm checkout (dnnlib, torch_utils)")
+    p.add_argument("--allow-pickle", action="store_true", help="trust the pickle (runs its code)")
+    p.add_argument("--openai", default=None, help="openai/consistency_models state dict (.pt)")
+    p.add_argument("--arch-config", default=None,
+                   help="ADM of the --openai file: imagenet64, lsun256 or a YAML file")
     p = add("bench", _bench, "time every training and sampling step (--out: JSON lines)")
     p.add_argument("--net", default="embedded", choices=["embedded", "cifar10"])
     p.add_argument("--batch", type=int, default=None, help="default: the net's (128 / 512)")

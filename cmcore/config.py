@@ -62,6 +62,9 @@ def _check_semantics(cfg):
     ct, smp = cfg["ct"], cfg["sampling"]
     if ct["s1"] <= ct["s0"]:
         return f"ct.s1 = {ct['s1']} must be greater than ct.s0 = {ct['s0']}"
+    s1 = cfg["ablations"]["ct"]["s1"]
+    if s1 is not None and s1 <= ct["s0"]:
+        return f"ablations.ct.s1 = {s1} must be greater than ct.s0 = {ct['s0']}"
     d = cfg["diffusion"]
     if d["sigma_max"] <= d["sigma_min"]:
         return "diffusion.sigma_max must be greater than diffusion.sigma_min"
@@ -85,6 +88,13 @@ def _check_semantics(cfg):
     if ds["name"] == "cifar10" and not (ds["path"] and os.path.isfile(ds["path"])):
         return (f"dataset.path: CIFAR-10 tarball not found at {ds['path']!r}; download "
                 "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/ and set the path")
+    exists = {"npz": os.path.isfile, "image_folder": os.path.isdir}.get(ds["name"])
+    if exists and not (ds["path"] and exists(ds["path"])):
+        what = "npz file" if ds["name"] == "npz" else "image folder"
+        return (f"dataset.path: {what} not found at {ds['path']!r}; set dataset.path to the "
+                "training images (layouts: cmcore/data.py, config/imagenet64.yaml)")
+    if ds["name"] == "image_folder" and not ds.get("resolution"):
+        return "dataset.resolution: an image_folder data set needs the image side (e.g. 64)"
     if ev["feature_extractor"] == "inception" and not (
         ev["inception_weights"] and os.path.isfile(ev["inception_weights"])
     ):

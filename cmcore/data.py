@@ -3,6 +3,15 @@
 - ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, shipped inside its wheel.
 - ``cifar10``: the official ``cifar-10-python.tar.gz`` at a configured path (50,000 train images).
 - ``mixture``: points from a 2-D Gaussian mixture (cmcore.analytic), float32.
+- ``npz``: uint8 NHWC images under key ``arr_0`` (the official evaluators' format, and what
+  ``save_prepared`` writes), class labels under ``labels`` if present (else all 0).
+- ``image_folder``: every .png/.jpg/.jpeg/.webp/.bmp file below a folder (sorted paths), center
+  cropped to ``resolution`` as ADM's loader does (halve with box filtering while the short side
+  is at least twice the target, bicubic resize, center crop). The class of an image is its
+  top-level subfolder (ImageNet's train/<wnid>/ layout) or, for a file directly in the folder,
+  its name up to the first "_" (the official code's flat n01440764_2708.JPEG layout); labels
+  index the sorted class names. ImageNet 64 and LSUN 256 come this way.
+Both keep the first ``max_images`` images if set; everything is held in memory.
 """
 
 import os
@@ -59,6 +68,70 @@ def load_mixture(num_points, seed, radius=1.0, std=0.1, components=8):
     return x.float().numpy(), k.numpy()
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _check_images(x, path, resolution):
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"dataset.path: arr_0 in {path} must be uint8 NHWC with 1 or 3 "
+                        f"channels, got {x.dtype} of shape {x.shape}")
+    if resolution and x.shape[1:3] != (resolution, resolution):
+        raise DataError(f"dataset.path: images in {path} are {x.shape[1]}x{x.shape[2]}, "
+                        f"dataset.resolution is {resolution}")
+
+
+def load_npz(path, resolution=None, max_images=None):
+    """(images uint8 NHWC, labels int64) from an npz holding arr_0 (and labels)."""
+    if not path or not os.path.isfile(path):
+        raise DataError(f"dataset.path: npz file not found at {path!r}; write the images as "
+                        "uint8 NHWC under key arr_0 (labels optional) and set dataset.path")
+    with np.load(path) as f:
+        if "arr_0" not in f:
+            raise DataError(f"dataset.path: {path} has no arr_0 (keys: {', '.join(f.files)})")
+        x = f["arr_0"][:max_images]
+        labels = f["labels"][:max_images] if "labels" in f else np.zeros(len(x))
+    _check_images(x, path, resolution)
+    return x, labels.astype(np.int64)
+
+
+def center_crop(image, resolution):
+    """A PIL image -> uint8 (resolution, resolution, 3): box-halve, bicubic resize, crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(s // 2 for s in image.size), Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), Image.BICUBIC)
+    a = np.asarray(image)
+    top, left = (a.shape[0] - resolution) // 2, (a.shape[1] - resolution) // 2
+    return a[top:top + resolution, left:left + resolution]
+
+
+def load_image_folder(path, resolution, max_images=None):
+    """(images uint8 (n, resolution, resolution, 3), labels by subfolder or name prefix)."""
+    from PIL import Image
+
+    if not path or not os.path.isdir(path):
+        raise DataError(f"dataset.path: image folder not found at {path!r}; put the training "
+                        "images (in class subfolders, if any) there and set dataset.path")
+    if not resolution:
+        raise DataError("dataset.resolution: set the image side for an image_folder data set")
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path)
+                   for f in names if f.lower().endswith(IMAGE_SUFFIXES))[:max_images]
+    if not files:
+        raise DataError(f"dataset.path: no {'/'.join(IMAGE_SUFFIXES)} images under {path}")
+    names = [f.split(os.sep)[0] if os.sep in f else f.split("_")[0] if "_" in f else ""
+             for f in files]
+    classes = {c: i for i, c in enumerate(sorted(set(names)))}
+    labels = np.array([classes[c] for c in names], dtype=np.int64)
+    images = []
+    for f in files:
+        with Image.open(os.path.join(path, f)) as image:
+            images.append(center_crop(image, resolution))
+    return np.stack(images), labels
+
+
 def load_dataset(cfg, seed=0):
     """The data set named by ``cfg['name']`` as (array, labels)."""
     name = cfg["name"]
@@ -68,7 +141,12 @@ def load_dataset(cfg, seed=0):
         return load_cifar10(cfg.get("path"))
     if name == "mixture":
         return load_mixture(cfg.get("num_points", 10000), seed)
-    raise DataError(f"dataset.name: unknown data set {name!r}; use digits, cifar10 or mixture")
+    if name == "npz":
+        return load_npz(cfg.get("path"), cfg.get("resolution"), cfg.get("max_images"))
+    if name == "image_folder":
+        return load_image_folder(cfg.get("path"), cfg.get("resolution"), cfg.get("max_images"))
+    raise DataError(f"dataset.name: unknown data set {name!r}; use digits, cifar10, mixture, "
+                    "npz or image_folder")
 
 
 def save_prepared(path, x, labels):

@@ -41,10 +41,12 @@ class LPIPS(torch.nn.Module):
 
     ``backbone='pretrained'`` needs torchvision's weights in the torch hub cache (no download
     happens here); ``'random'`` uses a randomly initialised backbone and must be reported so.
+    ``resize`` replaces the paper's 224 px (AlexNet accepts 32 px and up), for cheap runs.
     """
 
-    def __init__(self, net="alex", backbone="pretrained"):
+    def __init__(self, net="alex", backbone="pretrained", resize=224):
         super().__init__()
+        self.resize = resize
         import lpips
 
         if backbone == "pretrained" and not lpips_backbone_available(net):
@@ -60,15 +62,15 @@ class LPIPS(torch.nn.Module):
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         if x.shape[-1] < 256:
-            x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
-            y = F.interpolate(y, size=224, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=self.resize, mode="bilinear", align_corners=False)
         return self.net(x, y).flatten()
 
 
 DISTANCES = ("l1", "l2", "pseudo_huber", "lpips")
 
 
-def get_distance(name, lpips_backbone="pretrained"):
+def get_distance(name, lpips_backbone="pretrained", lpips_resize=224):
     """The distance called ``name``: one of DISTANCES."""
     if name == "l1":
         return l1
@@ -77,5 +79,5 @@ def get_distance(name, lpips_backbone="pretrained"):
     if name == "pseudo_huber":
         return pseudo_huber
     if name == "lpips":
-        return LPIPS(backbone=lpips_backbone)
+        return LPIPS(backbone=lpips_backbone, resize=lpips_resize)
     raise ValueError(f"unknown distance {name!r}; choose one of {list(DISTANCES)}")

@@ -38,9 +38,12 @@ def training_distance(ckpt):
         return "l2 (denoising)" if method in ("teacher", "pd") else "-"
     name = cfg[method]["distance"]
     if name == "lpips":
-        backbone = cfg["distance_options"]["lpips_backbone"]
-        return "lpips (ImageNet AlexNet)" if backbone == "pretrained" else \
-            "lpips (RANDOM AlexNet, not the paper's LPIPS)"
+        options = cfg["distance_options"]
+        pretrained, size = options["lpips_backbone"] == "pretrained", options["lpips_resize"]
+        notes = ["ImageNet AlexNet" if pretrained else "RANDOM AlexNet"]
+        notes += [] if size == 224 else [f"inputs at {size} px, not 224"]
+        notes += [] if pretrained else ["not the paper's LPIPS"]
+        return f"lpips ({', '.join(notes)})"
     return name
 
 

@@ -58,8 +58,10 @@ def network_config(cfg, shape):
     if net["arch"] == "mlp":
         return {"arch": "mlp", "in_channels": shape[1], "hidden": net["hidden"],
                 "depth": net["depth"]}
-    keys = ("arch", "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
-    return {**{k: net[k] for k in keys}, "img_resolution": shape[-1], "in_channels": shape[1]}
+    keys = ("arch", "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout",
+            "label_dim", "num_head_channels", "use_scale_shift_norm", "resblock_updown")
+    return {**{k: net[k] for k in keys if k in net}, "img_resolution": shape[-1],
+            "in_channels": shape[1]}
 
 
 def make_model(net_cfg, kind, diffusion):
@@ -138,7 +140,8 @@ def _check_finite(first_bad, loss, params, label, k, resume, world):
 
 def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=None,
         start=None, world=None):
-    """Run ``opt['iters']`` steps of loss_fn(k) -> (loss, stats); return (ema, optimizer).
+    """Run ``opt['iters']`` steps of loss_fn(k) -> (loss, stats); return (ema, optimizer,
+    snapshots), the last holding the EMA's state every ``opt['snapshot_every']`` steps.
 
     Per step: lr warm-up, backward, optional gradient clipping, optimizer step, after_step(k)
     (the target-network update), then the evaluation EMA with decay min(ema, (1+k)/(10+k)).
@@ -162,6 +165,9 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
         set_rng_states(start["rng"])  # last: from here on the random numbers of step k0 + 1
         world.restore_rng(start["rng"])
     first_bad = torch.zeros((), dtype=torch.long)
+    # EMA snapshots every ``snapshot_every`` steps, for FID against training iterations.
+    snapshots = dict(start.get("snapshots", {})) if start else {}
+    every = opt.get("snapshot_every", 0)
     model.train()
     for k in range(k0, K):
         lr = opt["lr"] * min(1.0, (k + 1) / opt["warmup"]) if opt["warmup"] else opt["lr"]
@@ -181,6 +187,8 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
             after_step(k, stats)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - schedules.ema_warmup_decay(opt["ema"], k))
+        if every and (k + 1) % every == 0:
+            snapshots[str(k + 1)] = {n: v.clone() for n, v in ema.state_dict().items()}
         log_now = (k + 1) % opt["log_every"] == 0 or k + 1 == K
         if log_now:  # a host-device sync, as is the check before saving
             value = _check_finite(first_bad, loss, params, label, k + 1, resume, world)
@@ -198,12 +206,13 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
                 _check_finite(first_bad, loss, params, label, k + 1, resume, world)
             resume.save({"label": label, "k": k + 1, "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "log": list(log.rows), "seconds": round(time.time() - t0, 2)})
+                         "log": list(log.rows), "snapshots": dict(snapshots),
+                         "seconds": round(time.time() - t0, 2)})
             if stop is not None:
                 resume.stop = resume.stop or stop  # the signal another rank received
                 world.barrier()  # rank 0 has written the resume file before any rank exits
                 raise resume.preempted()
-    return ema, optimizer
+    return ema, optimizer, snapshots
 
 
 def _section(method):
@@ -304,7 +313,7 @@ def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device,
         if start is not None:
             target.load_state_dict(start["target"])
         resume.extra = lambda: {"target": target.state_dict()}
-        distance = get_distance(opt["distance"], cfg["distance_options"]["lpips_backbone"])
+        distance = get_distance(opt["distance"], **cfg["distance_options"])
         if hasattr(distance, "to"):
             distance = distance.to(device)
         net = world.wrap(model)  # after CD's initialisation; DDP broadcasts rank 0's
@@ -316,9 +325,10 @@ def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device,
             with torch.no_grad():
                 torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
                                      1 - stats["mu"])
-    ema, optimizer = fit(model, loss_fn, opt, log, after, echo, label=method, resume=resume,
-                         start=start, world=world)
+    ema, optimizer, snapshots = fit(model, loss_fn, opt, log, after, echo, label=method,
+                                    resume=resume, start=start, world=world)
     return {"kind": kind, "model": model.state_dict(), "ema": ema.state_dict(),
+            "snapshots": snapshots,
             "target": None if target is None else target.state_dict(),
             "optimizer": optimizer.state_dict(), "step": opt["iters"], "train_iters": opt["iters"]}
 
@@ -335,10 +345,12 @@ def _cd_loss(f, target, teacher, opt, batch, grid, distance):
 
 def _ct_loss(f, target, opt, batch, grid, distance):
     def loss_fn(k):
-        # Curriculum: N(k) grows and mu(k) follows it.
-        N = schedules.ct_N(k, opt["iters"], opt["s0"], opt["s1"])
-        mu = schedules.ct_mu(k, opt["iters"], opt["s0"], opt["s1"], opt["mu0"],
-                             opt["schedule_variant"])
+        if opt["curriculum"] == "fixed":  # the baseline of Fig. 3d: constant N and mu
+            N, mu = opt["N"], opt["mu"]
+        else:  # the adaptive curriculum: N(k) grows and mu(k) follows it
+            N = schedules.ct_N(k, opt["iters"], opt["s0"], opt["s1"])
+            mu = schedules.ct_mu(k, opt["iters"], opt["s0"], opt["s1"], opt["mu0"],
+                                 opt["schedule_variant"])
         loss = objectives.consistency_training_loss(
             f, target, batch(opt["batch"]), N, distance, **grid)
         return loss, {"N": N, "mu": mu}
@@ -363,8 +375,8 @@ def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, sta
             return objectives.progressive_distillation_loss(
                 student, current, batch(opt["batch"]), steps, sd, **grid), {"steps": steps}
         resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
-        ema, _ = fit(student, loss_fn, opt, log, None, echo, label=f"pd{steps}", resume=resume,
-                     start=start, world=world)
+        ema, _, _ = fit(student, loss_fn, opt, log, None, echo, label=f"pd{steps}",
+                        resume=resume, start=start, world=world)
         start = None
         stages[str(steps)] = ema.state_dict()
         current, steps = ema, steps // 2

@@ -166,7 +166,7 @@ def test_mlp_output_shape():
 def test_unknown_arch_error():
     with pytest.raises(
         ValueError,
-        match=r"network\.arch must be one of \['ddpmpp', 'mlp', "
+        match=r"network\.arch must be one of \['adm', 'ddpmpp', 'mlp', "
         r"'ncsnpp'\], got 'resnet'",
     ):
         build_network({"arch": "resnet"})

@@ -86,9 +86,13 @@ def test_training_distance_labels_lpips_backbone():
     from cmcore.sampling import training_distance
 
     cfg = {"cd": {"distance": "lpips"}, "ct": {"distance": "l1"},
-           "distance_options": {"lpips_backbone": "random"}}
-    assert "RANDOM" in training_distance({"method": "cd", "config": cfg})
+           "distance_options": {"lpips_backbone": "random", "lpips_resize": 224}}
+    assert training_distance({"method": "cd", "config": cfg}) == \
+        "lpips (RANDOM AlexNet, not the paper's LPIPS)"
     assert training_distance({"method": "ct", "config": cfg}) == "l1"
     cfg["distance_options"]["lpips_backbone"] = "pretrained"
     assert training_distance({"method": "cd", "config": cfg}) == "lpips (ImageNet AlexNet)"
     assert training_distance({"method": "untrained", "config": cfg}) == "-"
+    cfg["distance_options"]["lpips_resize"] = 64
+    assert training_distance({"method": "cd", "config": cfg}) == \
+        "lpips (ImageNet AlexNet, inputs at 64 px, not 224)"

@@ -9,15 +9,26 @@ Architecture presets (as EDM's train.py sets them; keys given in cfg override th
             resample_filter [1, 1].
     ncsnpp: SongUNet, Fourier embedding, residual encoder, standard decoder,
             channel_mult_noise 2, resample_filter [1, 3, 3, 1].
+    adm:    ADMUNet of openai/consistency_models (ImageNet 64, LSUN 256); ADM_PRESETS holds the
+            published sizes. Its forward embeds 1000 * c_noise, the openai time input.
     mlp:    MLP for 2-D data (in_channels, hidden, depth, label_dim).
 """
 
 from torch import nn
 
+from .adm import ADM_PRESETS, ADMUNet
 from .mlp import MLP
 from .songunet import SongUNet
 
-__all__ = ["ARCHS", "MLP", "SongUNet", "build_network", "count_parameters"]
+__all__ = [
+    "ADM_PRESETS",
+    "ARCHS",
+    "ADMUNet",
+    "MLP",
+    "SongUNet",
+    "build_network",
+    "count_parameters",
+]
 
 # Per-architecture (class, default constructor kwargs).
 ARCHS = {
@@ -41,6 +52,7 @@ ARCHS = {
             resample_filter=[1, 3, 3, 1],
         ),
     ),
+    "adm": (ADMUNet, {}),
     "mlp": (MLP, {}),
 }
 
@@ -56,7 +68,7 @@ def build_network(cfg: dict) -> nn.Module:
         raise ValueError(f"network.arch must be one of {sorted(ARCHS)}, got {arch!r}")
     cls, preset = ARCHS[arch]
     kwargs = {**preset, **kwargs}
-    if cls is SongUNet and "in_channels" in kwargs:
+    if cls in (SongUNet, ADMUNet) and "in_channels" in kwargs:
         kwargs.setdefault("out_channels", kwargs["in_channels"])
     return cls(**kwargs)
 

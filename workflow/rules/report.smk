@@ -70,3 +70,4 @@ rule reproduce_table:
         [f"{OUT}/plots/samples_{m}_{n}step.png" for m, n in RUNS],
         rules.theorem1.output if CFG["theorem1"]["enabled"] else [],
         rules.figure4.output if CFG["sampling"]["curve_steps"] else [],
+        rules.ablation_report.output if ABLATION_PANELS else [],

@@ -1,0 +1,172 @@
+"""The paper-scale configs for ImageNet 64 and LSUN 256 validate, describe the published ADM
+networks, and plan the whole DAG (snakemake dry run); the npz and image-folder data sets load.
+
+The configs name data and Inception weights that are not here; the tests copy each config with
+those paths pointing at a tiny fake image folder and an empty weights file in tmp."""
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, cm, snakemake, tiny_config
+from PIL import Image
+
+from cmcore.config import ConfigError, validate
+from cmcore.data import DataError, load_dataset
+from cmcore.networks import ADM_PRESETS
+
+CONFIGS = {
+    "imagenet64": ("imagenet64", 64, 1000),
+    "lsun_bedroom256": ("lsun256", 256, 0),
+    "lsun_cat256": ("lsun256", 256, 0),
+}
+
+
+def image_folder(root, classes=("n01", "n02"), per_class=2, size=(20, 13)):
+    """Tiny RGB PNGs in one subfolder per class; pixel values encode (class, index)."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a = np.full((size[1], size[0], 3), 10 * c + i, np.uint8)
+            Image.fromarray(a).save(root / name / f"{i}.png")
+    return root
+
+
+def local_copy(tmp_path, config_name, **dataset):
+    """The config with data, weights and outdir in tmp_path; returns (dict, path)."""
+    cfg = yaml.safe_load((ROOT / "config" / f"{config_name}.yaml").read_text())
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")
+    folder = tmp_path / "images"
+    if not folder.exists():
+        image_folder(folder)
+    cfg["dataset"].update({"path": str(folder), **dataset})
+    cfg["evaluation"]["inception_weights"] = str(weights)
+    cfg["outdir"] = str(tmp_path / "results")
+    path = tmp_path / f"{config_name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cfg, path
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_as_shipped_names_the_missing_data(name):
+    cfg = yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text())
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    message = str(e.value)
+    assert message.startswith("dataset.path: image folder not found at 'data/")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_holds_the_paper_settings(tmp_path, name):
+    preset, resolution, classes = CONFIGS[name]
+    cfg = validate(local_copy(tmp_path, name)[0])
+    net = cfg["network"]
+    assert {k: net[k] for k in ADM_PRESETS[preset] if k in net} == {
+        k: v for k, v in ADM_PRESETS[preset].items() if k in net
+    }
+    assert net["arch"] == "adm" and net["label_dim"] == classes
+    assert cfg["dataset"]["resolution"] == resolution
+    cd, ct = cfg["cd"], cfg["ct"]
+    assert (cd["N"], cd["target_mu"], cd["distance"], cd["solver"]) == (40, 0.95, "lpips", "heun")
+    assert (ct["s0"], ct["mu0"], ct["distance"]) == (2, 0.95, "lpips")
+    big = name == "imagenet64"
+    assert (cd["batch"], cd["lr"], cd["iters"]) == (
+        (2048, 8e-6, 600000) if big else (256, 1e-5, 600000)
+    )
+    assert (ct["batch"], ct["lr"], ct["s1"], ct["iters"]) == (
+        (2048, 1e-4, 200, 800000) if big else (256, 5e-5, 150, 1000000)
+    )
+    assert cfg["teacher"]["sampler_steps"] == 40  # Heun, 79 NFE
+    assert cfg["sampling"]["num_samples"] == 50000
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dry_run_plans_the_whole_dag(tmp_path, name):
+    _, path = local_copy(tmp_path, name)
+    r = snakemake("reproduce_table", "-n", "--configfile", path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for rule in (
+        "prepare_data",
+        "train_teacher",
+        "train_cd",
+        "train_ct",
+        "train_pd",
+        "sample",
+        "evaluate",
+        "table1",
+        "figure4",
+    ):
+        assert f"\n{rule} " in r.stdout, rule
+    assert not (tmp_path / "results").exists()
+
+
+def test_npz_variant_validates_and_missing_paths_are_one_line(tmp_path):
+    npz = tmp_path / "imagenet64.npz"
+    np.savez(npz, arr_0=np.zeros((4, 64, 64, 3), np.uint8), labels=np.arange(4))
+    cfg, _ = local_copy(tmp_path, "imagenet64", name="npz", path=str(npz))
+    assert validate(cfg)["dataset"]["name"] == "npz"
+    cfg["dataset"]["path"] = str(tmp_path / "missing.npz")
+    with pytest.raises(ConfigError, match=r"^dataset.path: npz file not found at '.*missing.npz'"):
+        validate(cfg)
+    cfg["dataset"].update(name="image_folder", path=str(tmp_path / "images"), resolution=None)
+    del cfg["dataset"]["resolution"]
+    with pytest.raises(ConfigError, match="dataset.resolution: an image_folder data set needs"):
+        validate(cfg)
+
+
+def test_image_folder_crops_and_labels_by_subfolder(tmp_path):
+    root = image_folder(tmp_path / "train", classes=("b", "a"), size=(20, 13))
+    x, labels = load_dataset({"name": "image_folder", "path": str(root), "resolution": 8})
+    assert x.shape == (4, 8, 8, 3) and x.dtype == np.uint8
+    # Sorted paths a/0, a/1, b/0, b/1; classes sorted by name: a = 0, b = 1.
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert x[:, 4, 4, 0].tolist() == [10, 11, 0, 1]  # flat colours survive the resize
+    x, labels = load_dataset(
+        {"name": "image_folder", "path": str(root), "resolution": 8, "max_images": 3}
+    )
+    assert len(x) == len(labels) == 3
+
+
+def test_image_folder_flat_layout_takes_the_class_from_the_name(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for name in ("n02_1.JPEG", "n01_7.png", "n02_3.jpg"):
+        fmt = "JPEG" if name.lower().endswith(("jpeg", "jpg")) else "PNG"
+        Image.fromarray(np.zeros((70, 64, 3), np.uint8)).save(root / name, format=fmt)
+    (root / "notes.txt").write_text("ignored")
+    x, labels = load_dataset({"name": "image_folder", "path": str(root), "resolution": 16})
+    assert x.shape == (3, 16, 16, 3) and labels.tolist() == [0, 1, 1]
+
+
+def test_npz_data_set_and_its_errors(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, arr_0=np.ones((5, 8, 8, 3), np.uint8))
+    x, labels = load_dataset({"name": "npz", "path": str(path), "max_images": 2})
+    assert x.shape == (2, 8, 8, 3) and labels.tolist() == [0, 0]
+    with pytest.raises(DataError, match="images in .* are 8x8, dataset.resolution is 64"):
+        load_dataset({"name": "npz", "path": str(path), "resolution": 64})
+    np.savez(path, images=np.ones((5, 8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match="has no arr_0 \\(keys: images\\)"):
+        load_dataset({"name": "npz", "path": str(path)})
+    with pytest.raises(DataError, match="image folder not found at '/no/such'"):
+        load_dataset({"name": "image_folder", "path": "/no/such", "resolution": 8})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .png/.jpg/.jpeg/.webp/.bmp images under"):
+        load_dataset({"name": "image_folder", "path": str(tmp_path / "empty"), "resolution": 8})
+
+
+def test_prepare_data_reads_an_image_folder(tmp_path):
+    root = image_folder(tmp_path / "train")
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")
+    cfg = tiny_config(
+        tmp_path,
+        dataset={"name": "image_folder", "path": str(root), "resolution": 8},
+        evaluation={"feature_extractor": "inception", "inception_weights": str(weights)},
+    )
+    r = cm("prepare-data", "--config", cfg, "--out", tmp_path / "d.npz")
+    assert r.returncode == 0, r.stderr
+    assert "4 items of shape (8, 8, 3)" in r.stdout
+    with np.load(tmp_path / "d.npz") as f:
+        assert f["labels"].tolist() == [0, 0, 1, 1]

@@ -1,0 +1,79 @@
+# The paper's Fig. 3 ablations (cmcore/ablations.py): one job per run and seed trains and scores
+# its EMA snapshots; one job writes the panels' tables and plots.
+from cmcore.ablations import panels, runs
+
+ABLATIONS = CFG["ablations"]
+ABLATION_PANELS = (
+    [p for p, rows in panels(CFG).items() if rows] if ABLATIONS["enabled"] else []
+)
+ABLATION_SCORES = (
+    [
+        f"{OUT}/ablations/{r}/seed{s}/scores.csv"
+        for r in runs(CFG)
+        for s in ABLATIONS["seeds"]
+    ]
+    if ABLATIONS["enabled"]
+    else []
+)
+
+
+def ablation_teacher(wildcards):
+    """The teacher checkpoint for CD runs; nothing for CT runs."""
+    return [rules.train_teacher.output[0]] if wildcards.run.startswith("cd-") else []
+
+
+rule ablate:
+    input:
+        cfg=RESOLVED,
+        data=DATA,
+        teacher=ablation_teacher,
+        extractor=extractor_weights,
+    output:
+        scores=f"{OUT}/ablations/{{run}}/seed{{seed}}/scores.csv",
+        checkpoint=f"{OUT}/ablations/{{run}}/seed{{seed}}/checkpoint.pt",
+    log:
+        f"{OUT}/logs/ablate_{{run}}_seed{{seed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/ablate_{{run}}_seed{{seed}}.tsv"
+    wildcard_constraints:
+        run=r"(cd|ct)-[A-Za-z0-9_.-]+",
+        seed=r"\d+",
+    conda:
+        ENV
+    threads: CFG["threads"]
+    resources:
+        **res("train"),
+    params:
+        teacher=lambda wildcards, input: (
+            f"--teacher {input.teacher}" if input.teacher else ""
+        ),
+        classifier=lambda wildcards, input: (
+            f"--classifier {input.extractor}" if input.extractor else ""
+        ),
+    shell:
+        "cm ablate --config {input.cfg} --run {wildcards.run} --seed {wildcards.seed}"
+        " --data {input.data} {params.teacher} {params.classifier} --out {output.scores}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule ablation_report:
+    input:
+        cfg=RESOLVED,
+        scores=ABLATION_SCORES,
+    output:
+        tables=[f"{OUT}/tables/fig3{p}.{ext}" for p in ABLATION_PANELS for ext in ("csv", "md")],
+        plots=[f"{OUT}/plots/fig3{p}.png" for p in ABLATION_PANELS],
+    log:
+        f"{OUT}/logs/ablation_report.log",
+    benchmark:
+        f"{OUT}/benchmarks/ablation_report.tsv"
+    conda:
+        ENV
+    resources:
+        **res("light"),
+    params:
+        tables=f"{OUT}/tables",
+        plots=f"{OUT}/plots",
+    shell:
+        "cm ablation-report --config {input.cfg} --scores {input.scores}"
+        " --out {params.tables} --plots {params.plots} > {log} 2>&1"
