@@ -4,7 +4,14 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, unless --configfile names a complete config of its own (a config file is
+# never merged over this one: a cluster run must not inherit the laptop's grids).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -14,6 +21,7 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/extras.smk"
 
 
 rule all:

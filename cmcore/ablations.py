@@ -7,6 +7,7 @@ trained once per seed:
     cd-{solver}-N{N}-{distance}   consistency distillation (Fig. 3a-c)
     ct-adaptive                   consistency training with the N(k), mu(k) curriculum (Fig. 3d)
     ct-fixed-N{N}-mu{mu}          consistency training with constant N and mu (Fig. 3d baseline)
+    ict                           improved CT (cmcore.ict) beside them, when ablations.ict is on
 
 Panels: (a) CD distance at cd.solver and cd.N, FID against iterations; (b) Euler vs Heun over N;
 (c) Heun over N; (d) adaptive vs fixed CT, FID against iterations. Each run differs from the
@@ -20,6 +21,8 @@ import re
 
 import numpy as np
 import pandas as pd
+
+from cmcore.reports import write_markdown
 
 PANELS = {
     "a": "Fig. 3a: CD, distance metric",
@@ -48,7 +51,8 @@ def panels(cfg):
         "c": [(cd_run("heun", n, cd["distance"]), "heun", n) for n in ab["heun_N"]],
         "d": [(ct_run(), "adaptive", None)]
         + [(ct_run(f["N"], f["mu"]), f"fixed N={f['N']}, mu={f['mu']:g}", f["N"])
-           for f in ab["ct_fixed"]],
+           for f in ab["ct_fixed"]]
+        + ([("ict", "iCT (2023)", None)] if ab["ict"] else []),
     }
 
 
@@ -65,6 +69,8 @@ def parse_run(run):
         return "ct", {"curriculum": "adaptive"}
     if m := _CT_FIXED.match(run):
         return "ct", {"curriculum": "fixed", "N": int(m[1]), "mu": float(m[2])}
+    if run == "ict":
+        return "ict", {}
     raise ValueError(f"{run!r} is not an ablation run; expected cd-SOLVER-N<int>-DISTANCE, "
                      "ct-adaptive or ct-fixed-N<int>-mu<float>")
 
@@ -74,7 +80,9 @@ def run_config(cfg, run, seed):
     ablation budget, and ``seed``; (method, config)."""
     method, settings = parse_run(run)
     out = copy.deepcopy(cfg)
-    budget = {k: v for k, v in cfg["ablations"][method].items() if v is not None}
+    # iCT runs on CT's budget; s1 means its own curriculum's end there, so it is not copied.
+    budget = {k: v for k, v in cfg["ablations"]["ct" if method == "ict" else method].items()
+              if v is not None and not (method == "ict" and k == "s1")}
     out[method].update({**budget, **settings})
     out["seed"] = seed
     return method, out
@@ -178,8 +186,7 @@ def write_reports(paths, cfg, tables_dir, plots_dir):
         summary = summarize(sub)
         base = f"fig3{panel}"
         summary.to_csv(f"{tables_dir}/{base}.csv", index=False)
-        with open(f"{tables_dir}/{base}.md", "w") as f:
-            f.write(_markdown(summary, panel, cfg))
+        write_markdown(_markdown(summary, panel, cfg), f"{tables_dir}/{base}.md", PANELS[panel])
         _plot(sub, panel, f"{plots_dir}/{base}.png")
         written.append(base)
     return written

@@ -65,7 +65,12 @@ def _sample(args, cfg):
     if args.dry_run:
         n = cfg["sampling"]["num_samples"]
         return f"would draw {n} {args.steps}-step samples -> {args.out}"
-    images, meta = sample_checkpoint(ckpt, cfg, args.steps)
+    taus = None
+    if args.taus:  # searched taus of this model (cm search-tau): the first steps - 1
+        with open(args.taus) as f:
+            taus = json.load(f)["taus"][:args.steps - 1]
+    images, meta = sample_checkpoint(ckpt, cfg, args.steps, taus)
+    meta["tau_source"] = args.taus or "sampling.tau of the config"
     np.savez(args.out, arr_0=images)
     meta.update(checkpoint=args.checkpoint, code_version=config_mod.code_version())
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
@@ -144,6 +149,50 @@ def _figure4(args, cfg):
         return f"would plot FID against steps from {len(args.metrics)} files into {args.plot}"
     write_steps_figure(args.metrics, args.out, args.plot)
     return f"wrote {args.out} and {args.plot}"
+
+
+def _search_tau(args, cfg):
+    from cmcore.data import load_prepared
+    from cmcore.tau_search import search_checkpoint_taus
+    from cmcore.training import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    weights = _extractor_weights(args, cfg)
+    reference, _ = load_prepared(args.data)
+    if ckpt["kind"] != "consistency":
+        raise ValueError(f"{args.checkpoint} holds a {ckpt['method']} model; taus are searched "
+                         "for consistency models only")
+    if args.dry_run:
+        return f"would search the taus of {args.checkpoint} -> {args.out}"
+    taus, trace = search_checkpoint_taus(ckpt, cfg, reference, weights)
+    record = {"taus": taus, "method": ckpt["method"], "checkpoint": args.checkpoint,
+              "search": cfg["sampling"]["tau_search"], "score": "FID",
+              "trace": [{"taus": list(t), "fid": v} for t, v in trace],
+              "code_version": config_mod.code_version()}
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    return f"wrote {args.out}: taus {', '.join(f'{t:.3g}' for t in taus)}"
+
+
+def _edit(args, cfg):
+    from cmcore.data import load_prepared, to_model_space, to_uint8
+    from cmcore.edit_demos import demo
+    from cmcore.reports import save_grid
+    from cmcore.training import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt["kind"] != "consistency":
+        raise ValueError(f"{args.checkpoint} holds a {ckpt['method']} model; editing needs a "
+                         "consistency model (editing.method)")
+    ed = cfg["editing"]
+    images, _ = load_prepared(args.data)
+    if args.dry_run:
+        return f"would write {args.task} edits of {ed['num_images']} images -> {args.out}"
+    f = model_from_checkpoint(ckpt)
+    x = to_model_space(images[: ed["num_images"]])
+    rows, labels = demo(f, args.task, x, ed["taus"], seed=cfg["seed"])
+    save_grid(np.concatenate([to_uint8(r) for r in rows]), args.out, ncol=x.shape[0])
+    return f"wrote {args.out}: rows {', '.join(labels)}"
 
 
 def _ablate(args, cfg):
@@ -251,6 +300,15 @@ def build_parser():
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--steps", type=int, required=True, help="sampling steps")
     p.add_argument("--grid", default=None, help="also write a PNG grid of 100 samples")
+    p.add_argument("--taus", default=None, help="JSON of cm search-tau (default: sampling.tau)")
+    p = add("edit", _edit, "zero-shot editing of data-set images: one PNG grid per task")
+    p.add_argument("--checkpoint", required=True, help="a consistency model")
+    p.add_argument("--data", required=True, help="prepared data set (npz)")
+    p.add_argument("--task", required=True, help="inpaint, superres, colorize, sdedit, ...")
+    p = add("search-tau", _search_tau, "greedy search of the multistep taus on FID (JSON)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="prepared data set (npz)")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p = add("evaluate", _evaluate, "FID, IS, precision and recall through torch-fidelity")
     p.add_argument("--samples", required=True)
     p.add_argument("--reference", required=True, help="prepared data set (npz)")

@@ -62,6 +62,8 @@ def _check_semantics(cfg):
     ct, smp = cfg["ct"], cfg["sampling"]
     if ct["s1"] <= ct["s0"]:
         return f"ct.s1 = {ct['s1']} must be greater than ct.s0 = {ct['s0']}"
+    if cfg["ablations"]["ict"] and "ict" not in cfg:
+        return "ablations.ict: an iCT curve needs an ict section (see config/config.yaml)"
     s1 = cfg["ablations"]["ct"]["s1"]
     if s1 is not None and s1 <= ct["s0"]:
         return f"ablations.ct.s1 = {s1} must be greater than ct.s0 = {ct['s0']}"
@@ -72,7 +74,7 @@ def _check_semantics(cfg):
     if start & (start - 1):
         return f"pd.start_steps = {start} must be a power of two (PD halves it down to 1)"
     all_steps = sorted(set(smp["steps"]) | set(smp["curve_steps"]))
-    for n in all_steps:
+    for n in [] if smp["tau_search"]["enabled"] else all_steps:
         taus = smp["tau"].get(str(n), [] if n == 1 else None)
         if taus is None:
             return f"sampling.tau: no intermediate times for {n}-step sampling; add '{n}': [...]"

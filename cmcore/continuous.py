@@ -24,6 +24,7 @@ API:
 
 import torch
 from torch.func import grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmcore.distances import l1, l2
 from cmcore.precond import _per_sample
@@ -45,9 +46,11 @@ def total_derivative(f, x_t, t, dx_dt):
     """(f(x_t, t), df/dt) with df/dt = J_x f(x_t, t) dx_dt + d_t f(x_t, t), one forward-mode JVP.
 
     ``t`` is a (B,) tensor. The primal output keeps its autograd graph (gradients reach the
-    parameters of f); the tangent does too, detach it for a stop-gradient target.
+    parameters of f); the tangent does too, detach it for a stop-gradient target. Attention
+    runs on SDPA's math kernel: the fused kernels have no forward-mode derivative.
     """
-    return jvp(f, (x_t, t), (dx_dt, torch.ones_like(t)))
+    with sdpa_kernel(SDPBackend.MATH):
+        return jvp(f, (x_t, t), (dx_dt, torch.ones_like(t)))
 
 
 def metric_hessian_product(distance, y, v):

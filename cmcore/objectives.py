@@ -1,7 +1,13 @@
 """Training objectives over the D / f contract. Each returns the batch-mean loss.
 
 Random numbers come from torch's global generator, so a seeded run is reproducible.
+Teacher and target passes run under torch.inference_mode (no autograd bookkeeping at all); their
+result is cloned into an ordinary tensor before it meets the online network's output, since an
+inference tensor cannot be saved for backward. Time grids are copied to the device once per
+(N, device), not every step: a host-to-device copy makes the host wait for the device.
 """
+
+import functools
 
 import torch
 
@@ -20,6 +26,19 @@ def edm_loss(D, x0, sigma_data=0.5, P_mean=-1.2, P_std=1.2):
     return (weight * (D_x - x0).square()).mean()
 
 
+@functools.lru_cache(maxsize=256)
+def _grid_on(grid, N, eps, T, rho, device, dtype):
+    # An ordinary tensor, made once; non_blocking: the host does not wait for the device (the
+    # source is pageable memory, staged by CUDA before the call returns: safe to free).
+    with torch.inference_mode(False), torch.no_grad():
+        return grid(N, eps, T, rho).to(device, dtype, non_blocking=True)
+
+
+def _device_grid(grid, N, eps, T, rho, x0):
+    """``grid(N, eps, T, rho)`` on x0's device in x0's dtype (the same values, cached)."""
+    return _grid_on(grid, N, eps, T, rho, x0.device, x0.dtype)
+
+
 def _pair_indices(x0, N):
     """n ~ U{1, ..., N-1} as 0-based indices into the ascending grid: (t_n, t_{n+1})."""
     return torch.randint(0, N - 1, (x0.shape[0],), device=x0.device)
@@ -31,16 +50,16 @@ def consistency_distillation_loss(f, f_target, D_teacher, x0, N, solver, distanc
     (paper, Algorithm 2), x_{t_{n+1}} = x + t_{n+1} z, x^phi_{t_n} one ODE-solver step of the
     teacher from t_{n+1} to t_n.
     """
-    t = karras_grid(N, eps, T, rho).to(x0.device, x0.dtype)
+    t = _device_grid(karras_grid, N, eps, T, rho, x0)
     n = _pair_indices(x0, N)
     t_n, t_n1 = t[n], t[n + 1]
     # Sample x_{t_{n+1}} ~ N(x, t_{n+1}^2 I).
     x_n1 = x0 + _per_sample(t_n1, x0) * torch.randn_like(x0)
-    with torch.no_grad():
+    with torch.inference_mode():
         # One step of the teacher's PF-ODE solver gives x^phi_{t_n}; the target net maps it.
         x_phi = solver(D_teacher, x_n1, t_n1, t_n)
         target = f_target(x_phi, t_n)
-    d = distance(f(x_n1, t_n1), target)
+    d = distance(f(x_n1, t_n1), target.clone())
     return (d if weighting is None else weighting(t_n, t_n1) * d).mean()
 
 
@@ -49,14 +68,14 @@ def consistency_training_loss(f, f_target, x0, N, distance, eps=0.002, T=80.0, r
     """L_CT^N = E[ lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta-(x + t_n z, t_n)) ]
     (paper, Algorithm 3): the teacher step replaced by the unbiased estimate x + t_n z.
     """
-    t = karras_grid(N, eps, T, rho).to(x0.device, x0.dtype)
+    t = _device_grid(karras_grid, N, eps, T, rho, x0)
     n = _pair_indices(x0, N)
     t_n, t_n1 = t[n], t[n + 1]
     # One z shared by both points of the pair: the Tweedie estimate of the ODE step.
     z = torch.randn_like(x0)
-    with torch.no_grad():
+    with torch.inference_mode():
         target = f_target(x0 + _per_sample(t_n, x0) * z, t_n)
-    d = distance(f(x0 + _per_sample(t_n1, x0) * z, t_n1), target)
+    d = distance(f(x0 + _per_sample(t_n1, x0) * z, t_n1), target.clone())
     return (d if weighting is None else weighting(t_n, t_n1) * d).mean()
 
 
@@ -75,14 +94,14 @@ def progressive_distillation_loss(D_student, D_teacher, x0, steps, sigma_data=0.
     step land on the teacher's x'': x0~ = (x'' - r x_t) / (1 - r), r = t''/t. The weight
     w(t) = max(sd^2 / t^2, 1) is the truncated-SNR weighting of the PD paper.
     """
-    grid = pd_grid(2 * steps, eps, T, rho).to(x0.device, x0.dtype)
+    grid = _device_grid(pd_grid, 2 * steps, eps, T, rho, x0)
     i = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
     t, t_mid, t_end = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
     x_t = x0 + _per_sample(t, x0) * torch.randn_like(x0)
-    with torch.no_grad():
+    with torch.inference_mode():
         # Two teacher DDIM steps t -> t' -> t''.
         x_end = ddim_step(D_teacher, ddim_step(D_teacher, x_t, t, t_mid), t_mid, t_end)
         r = _per_sample(t_end / t, x0)
         x0_target = (x_end - r * x_t) / (1 - r)
     w = torch.clamp(sigma_data**2 / _per_sample(t, x0) ** 2, min=1.0)
-    return (w * (D_student(x_t, t) - x0_target).square()).mean()
+    return (w * (D_student(x_t, t) - x0_target.clone()).square()).mean()

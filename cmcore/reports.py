@@ -6,12 +6,14 @@ import os
 import numpy as np
 import pandas as pd
 
-METHOD_ORDER = {"teacher": 0, "cd": 1, "ct": 2, "pd": 3, "untrained": 4}
+METHOD_ORDER = {"teacher": 0, "cd": 1, "ct": 2, "pd": 3, "ict": 4, "ect": 5, "cd_cont": 6,
+                "ct_cont": 7, "untrained": 8}
 COLUMNS = ["dataset", "method", "steps", "nfe", "fid", "isc", "isc_std", "precision", "recall",
            "num_samples", "feature_extractor", "extractor_accuracy", "reference_set",
            "train_iters", "distance", "sampler", "taus", "seed", "code_version"]
 LABELS = {"teacher": "EDM teacher (Heun)", "cd": "CD", "ct": "CT", "pd": "PD",
-          "untrained": "untrained network"}
+          "ict": "iCT (2023)", "ect": "ECT (2024)", "cd_cont": "CD, continuous time",
+          "ct_cont": "CT, continuous time", "untrained": "untrained network"}
 
 
 def gather(paths):
@@ -72,20 +74,58 @@ def markdown_paper(df):
     return f"{note}\n\n{table}\n"
 
 
-def _write(df, out_csv, md):
+def html_page(md, title):
+    """Our Markdown (pipe tables, '- ' notes, paragraphs) as a small HTML page for the report."""
+    from html import escape
+
+    body, rows = [], []
+
+    def flush():
+        if rows:
+            head, *data = [[escape(c.strip()) for c in r.strip().strip("|").split("|")]
+                           for r in rows if not set(r) <= set("|:- ")]
+            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+                                  for r in data) + "</table>")
+            rows.clear()
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+            continue
+        flush()
+        if line.startswith("- "):
+            body.append(f"<li>{escape(line[2:])}</li>")
+        elif line.strip():
+            body.append(f"<p>{escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{style}</style></head><body><h3>{escape(title)}</h3>{''.join(body)}"
+            "</body></html>\n")
+
+
+def write_markdown(md, path, title):
+    """``path`` (.md) and the same content as HTML beside it (.html)."""
+    with open(path, "w") as f:
+        f.write(md)
+    with open(os.path.splitext(path)[0] + ".html", "w") as f:
+        f.write(html_page(md, title))
+
+
+def _write(df, out_csv, md, title):
     tmp = f"{out_csv}.tmp"
     df.to_csv(tmp, index=False)
     os.replace(tmp, out_csv)
-    with open(os.path.splitext(out_csv)[0] + ".md", "w") as f:
-        f.write(md)
+    write_markdown(md, os.path.splitext(out_csv)[0] + ".md", title)
 
 
 def write_table(paths, out_csv):
     """Write ``out_csv``, the Markdown table beside it and the paper comparison (_paper.md)."""
     df = gather(paths)
-    _write(df, out_csv, markdown(df))
-    with open(os.path.splitext(out_csv)[0] + "_paper.md", "w") as f:
-        f.write(markdown_paper(df))
+    _write(df, out_csv, markdown(df), "Table 1 (" + os.path.basename(out_csv) + ")")
+    write_markdown(markdown_paper(df), os.path.splitext(out_csv)[0] + "_paper.md",
+                   "Ours beside the paper's CIFAR-10 Table 1 (not comparable values)")
     return df
 
 
@@ -100,7 +140,8 @@ def write_steps_figure(paths, out_csv, out_png):
     df = gather(paths)
     view = df.assign(method=df["method"].map(LABELS))
     view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall", "taus"]]
-    _write(df, out_csv, view.to_markdown(index=False, floatfmt=".3f") + "\n")
+    _write(df, out_csv, view.to_markdown(index=False, floatfmt=".3f") + "\n",
+           "FID against sampling steps (Fig. 4)")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     sns.lineplot(data=df.assign(method=df["method"].map(LABELS)), x="steps", y="fid",
                  hue="method", marker="o", ax=ax)
@@ -126,3 +167,24 @@ def save_grid(images, path, ncol=10):
     scale = max(1, 512 // (ncol * (w + 1)))
     pil = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
+
+
+def plot_loss(rows, path):
+    """Training loss against iterations from the CSV log's rows, one line per stage (PD's
+    halvings); log scale unless a pseudo-loss (continuous time) goes non-positive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for stage, d in df.groupby("stage", sort=False):
+        ax.plot(d["step"], d["loss"], label=str(stage))
+    ax.set(xlabel="iteration (per stage)", ylabel="loss",
+           yscale="log" if (df["loss"] > 0).all() else "linear")
+    if df["stage"].nunique() > 1:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

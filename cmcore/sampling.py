@@ -34,8 +34,10 @@ def ddim_sample(D, z, steps, eps=0.002, T=80.0, rho=7.0):
 def training_distance(ckpt):
     """The distance d a checkpoint was trained with, naming LPIPS's backbone ('-' if none)."""
     method, cfg = ckpt["method"], ckpt["config"]
-    if method not in ("cd", "ct"):
-        return "l2 (denoising)" if method in ("teacher", "pd") else "-"
+    if method in ("teacher", "pd"):
+        return "l2 (denoising)"
+    if "distance" not in cfg.get(method, {}):
+        return "-"
     name = cfg[method]["distance"]
     if name == "lpips":
         options = cfg["distance_options"]
@@ -47,12 +49,13 @@ def training_distance(ckpt):
     return name
 
 
-def sample_checkpoint(ckpt, cfg, steps):
+def sample_checkpoint(ckpt, cfg, steps, taus=None):
     """Draw cfg['sampling']['num_samples'] samples from a checkpoint with ``steps`` steps.
 
-    The sampler follows the method: the EDM Heun sampler for the teacher, Algorithm 1 with the
-    configured taus for consistency models, DDIM with the matching stage for PD. Returns
-    (uint8 NHWC images, metadata with the sampler, NFE and taus).
+    The sampler follows the method: the EDM Heun sampler for the teacher, Algorithm 1 for
+    consistency models with ``taus`` (default: the configured ones; searched ones are passed
+    in), DDIM with the matching stage for PD. Returns (uint8 NHWC images, metadata with the
+    sampler, NFE and taus).
     """
     from cmcore.data import to_uint8
     from cmcore.solvers import edm_sampler, edm_sampler_nfe
@@ -61,7 +64,7 @@ def sample_checkpoint(ckpt, cfg, steps):
     device = pick_device(cfg["device"])
     method, d, smp = ckpt["method"], ckpt["config"]["diffusion"], cfg["sampling"]
     grid = dict(eps=d["sigma_min"], T=d["sigma_max"])
-    taus = []
+    taus, given = [], taus
     if method == "pd":
         if str(steps) not in ckpt["stages"]:
             raise ValueError(f"PD has no {steps}-step student; stages: {sorted(ckpt['stages'])}")
@@ -78,7 +81,7 @@ def sample_checkpoint(ckpt, cfg, steps):
             return edm_sampler(model, z, steps, rho=d["rho"], **grid)
     else:
         model = model_from_checkpoint(ckpt).to(device)
-        taus = smp["tau"].get(str(steps), [])
+        taus = list(given) if given is not None else smp["tau"].get(str(steps), [])
         if len(taus) != steps - 1:
             raise ValueError(f"sampling.tau.{steps}: needs {steps - 1} times, got {len(taus)}")
         sampler, nfe = "consistency-multistep" if taus else "consistency-onestep", steps

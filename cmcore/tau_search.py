@@ -12,6 +12,7 @@ Each tau costs 2 * iters score calls, two per ternary step; the chosen tau is th
 point of the last step, so its score is already known.
 
 API:
+    search_checkpoint_taus(ckpt, cfg, reference, weights) -> (taus, trace)   FID-scored search
     greedy_tau_search(score_fn, n_taus, lo=0.002, hi=80.0, iters=10, space='karras', rho=7.0,
                       cache=None) -> (taus, trace)
         taus:  [tau_1, ..., tau_n], strictly decreasing
@@ -68,3 +69,28 @@ def greedy_tau_search(
         taus.append(upper)
         score(taus)  # cached: records the prefix's score in the trace
     return taus, trace
+
+
+def search_checkpoint_taus(ckpt, cfg, reference, weights):
+    """Greedy taus of a consistency-model checkpoint for its largest configured step count,
+    scored by the FID of ``sampling.tau_search.num_samples`` samples drawn with the search's own
+    seed (not the evaluation's), so the reported FID is not the one the search minimised. The
+    taus of n steps are the first n - 1 (greedy: a prefix never changes with more steps)."""
+    import copy
+
+    from cmcore.metrics import compute_metrics
+    from cmcore.sampling import sample_checkpoint
+    from cmcore.training import pick_device
+
+    ts, d, ev = cfg["sampling"]["tau_search"], cfg["diffusion"], cfg["evaluation"]
+    steps = sorted(set(cfg["sampling"]["steps"]) | set(cfg["sampling"]["curve_steps"]))
+    search_cfg = copy.deepcopy(cfg)
+    search_cfg["sampling"]["num_samples"], search_cfg["seed"] = ts["num_samples"], ts["seed"]
+
+    def fid(taus):
+        images, _ = sample_checkpoint(ckpt, search_cfg, len(taus) + 1, taus=list(taus))
+        return compute_metrics(images, reference, extractor=ev["feature_extractor"],
+                               weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
+                               device=pick_device(cfg["device"]))["fid"]
+    return greedy_tau_search(fid, max(steps) - 1, lo=d["sigma_min"], hi=d["sigma_max"],
+                             iters=ts["iters"], rho=d["rho"])

@@ -1,10 +1,8 @@
 """One training loop for every objective: optimizer, warm-up, evaluation EMA, target network
 theta^- with decay mu(k), CSV log and atomic checkpoints.
 
-Methods: ``teacher`` (EDM denoising loss), ``cd`` (consistency distillation, initialised from
-the teacher as in the paper), ``ct`` (consistency training, random initialisation), ``pd``
-(progressive distillation, one stage per halving), ``untrained`` (the random initialisation of a
-consistency model, the floor every method must beat).
+Methods: those of cmcore.methods (teacher, cd, ct, ict, ect, cd_cont, ct_cont, untrained: one
+fit each) and ``pd`` (progressive distillation, one fit per halving of the steps).
 
 Preemption: every ``ckpt_every`` iterations, and at the end of the step in which SIGTERM or
 SIGUSR1 arrives, the run writes its resume file ``<out>.partial`` (cmcore.checkpoints); a signal
@@ -14,6 +12,15 @@ run on CPU. ``<out>`` is written only when training completes.
 
 Data parallel: under ``torchrun --nproc_per_node=P`` each rank trains on its B/P rows of the
 global batch B, gradients averaged by DDP, and only rank 0 writes files (cmcore.distributed).
+
+GPU options (each method's section, cmcore.fast): ``precision: bf16`` runs the loss (online,
+teacher and target forwards) under bf16 autocast while backward, optimizer, EMA and target
+updates stay fp32; ``tf32`` (default true) allows TF32 matmuls and convolutions on CUDA;
+``fused`` (default auto: CUDA only) fuses the Adam step (RAdam: foreach); ``compile`` (default
+false, experimental) runs the online network through torch.compile. The defaults leave CPU
+results bitwise unchanged. Between log rows fit never waits for the device (the loss and the
+first non-finite step stay there until a log row or save reads them), nor do the teacher, cd,
+ct and pd losses; ict and ect still copy per-step tensors to the device.
 """
 
 import copy
@@ -23,8 +30,9 @@ import os
 import time
 
 import torch
+from tqdm import tqdm
 
-from cmcore import objectives, schedules
+from cmcore import fast, methods, objectives, schedules
 from cmcore.checkpoints import (  # noqa: F401  (CheckpointError, FORMAT: re-exported)
     FORMAT,
     CheckpointError,
@@ -40,9 +48,9 @@ from cmcore.distances import get_distance
 from cmcore.distributed import World
 from cmcore.networks import build_network
 from cmcore.precond import ConsistencyFunction, Denoiser
-from cmcore.solvers import get_solver
+from cmcore.reports import plot_loss
 
-METHODS = ("teacher", "cd", "ct", "pd", "untrained")
+METHODS = (*methods.METHODS, "pd")
 
 
 def pick_device(name):
@@ -81,8 +89,9 @@ def model_from_checkpoint(ckpt, weights="ema", stage=None):
 
 
 def _optimizer(model, opt):
-    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[opt["optimizer"]]
-    return cls(model.parameters(), lr=opt["lr"])
+    """Adam or RAdam over the model's parameters, fused as ``opt['fused']`` says (cmcore.fast)."""
+    params = list(model.parameters())
+    return fast.optimizer(params, opt, params[0].device if params else "cpu")
 
 
 class CSVLog:
@@ -151,11 +160,13 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     row or save, before either is written, so the resume file keeps the last good state.
     ``world`` (cmcore.distributed.World): loss_fn runs with per-example draws made at the
     global batch ``opt['batch']``; logged losses are global means; a stop signal stops all.
+    ``opt``'s precision, tf32, fused and compile: cmcore.fast (module docstring).
     """
     world = world or World()
     optimizer = _optimizer(model, opt)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # before compiling: stays eager
     params, ema_params = list(model.parameters()), list(ema.parameters())
+    device = params[0].device if params else torch.device("cpu")
     K, k0, t0 = opt["iters"], 0, time.time()
     if start is not None:
         model.load_state_dict(start["model"])
@@ -164,54 +175,64 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
         k0, t0 = start["k"], t0 - start["seconds"]
         set_rng_states(start["rng"])  # last: from here on the random numbers of step k0 + 1
         world.restore_rng(start["rng"])
-    first_bad = torch.zeros((), dtype=torch.long)
+    # The first step with a non-finite loss (0: none), kept on the device: no host sync.
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
     # EMA snapshots every ``snapshot_every`` steps, for FID against training iterations.
     snapshots = dict(start.get("snapshots", {})) if start else {}
     every = opt.get("snapshot_every", 0)
     model.train()
-    for k in range(k0, K):
-        lr = opt["lr"] * min(1.0, (k + 1) / opt["warmup"]) if opt["warmup"] else opt["lr"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with world.global_draws(opt["batch"]):
-            loss, stats = loss_fn(k)
-        # The first step with a non-finite loss, tracked without a host-device sync.
-        first_bad = torch.where((first_bad.to(loss.device) == 0) & ~loss.detach().isfinite(),
-                                k + 1, first_bad.to(loss.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
-        optimizer.step()
-        if after_step is not None:
-            after_step(k, stats)
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - schedules.ema_warmup_decay(opt["ema"], k))
-        if every and (k + 1) % every == 0:
-            snapshots[str(k + 1)] = {n: v.clone() for n, v in ema.state_dict().items()}
-        log_now = (k + 1) % opt["log_every"] == 0 or k + 1 == K
-        if log_now:  # a host-device sync, as is the check before saving
-            value = _check_finite(first_bad, loss, params, label, k + 1, resume, world)
-            row = {"stage": label, "step": k + 1, "loss": value, "lr": lr, **stats,
-                   "seconds": round(time.time() - t0, 2)}
-            log.write(row)
-            echo(" ".join(f"{key}={val:.5g}" if isinstance(val, float) else f"{key}={val}"
-                          for key, val in row.items()))
-        # ResumeFile.due, decided once for every rank: the stop requests of all ranks so far
-        # (a signal arriving later, say during the save, counts for the next step).
-        stop = None if resume is None else world.agree_stop(resume.stop)
-        if resume is not None and (stop is not None or resume.every > 0
-                                   and (k + 1) % resume.every == 0):
-            if not log_now:
-                _check_finite(first_bad, loss, params, label, k + 1, resume, world)
-            resume.save({"label": label, "k": k + 1, "model": model.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "log": list(log.rows), "snapshots": dict(snapshots),
-                         "seconds": round(time.time() - t0, 2)})
-            if stop is not None:
-                resume.stop = resume.stop or stop  # the signal another rank received
-                world.barrier()  # rank 0 has written the resume file before any rank exits
-                raise resume.preempted()
+    # A progress bar with ETA on a terminal (none in log files, where each row has an ETA).
+    steps = tqdm(range(k0, K), desc=label, initial=k0, total=K, mininterval=2, leave=False,
+                 disable=None if world.is_main else True)
+    t_loop = time.time()
+    with fast.tf32(opt, device), fast.compiled(model, opt):
+        for k in steps:
+            # Between log rows nothing here waits for the device: lr, decays and clipping
+            # norms stay Python floats or device tensors (tests/test_fast_step.py).
+            lr = opt["lr"] * min(1.0, (k + 1) / opt["warmup"]) if opt["warmup"] else opt["lr"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with world.global_draws(opt["batch"]), fast.autocast(opt, device):
+                loss, stats = loss_fn(k)
+            loss = loss.float()  # bf16 autocast: backward from an fp32 loss; fp32: itself
+            first_bad = torch.where((first_bad == 0) & ~loss.detach().isfinite(), k + 1,
+                                    first_bad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
+            optimizer.step()
+            if after_step is not None:
+                after_step(k, stats)
+            decay = schedules.ema_warmup_decay(opt["ema"], k)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
+            if every and (k + 1) % every == 0:
+                snapshots[str(k + 1)] = {n: v.clone() for n, v in ema.state_dict().items()}
+            log_now = (k + 1) % opt["log_every"] == 0 or k + 1 == K
+            if log_now:  # a host-device sync, as is the check before saving
+                value = _check_finite(first_bad, loss, params, label, k + 1, resume, world)
+                row = {"stage": label, "step": k + 1, "loss": value, "lr": lr, **stats,
+                       "seconds": round(time.time() - t0, 2)}
+                log.write(row)
+                eta = (time.time() - t_loop) / (k + 1 - k0) * (K - k - 1)
+                echo(" ".join(f"{key}={val:.5g}" if isinstance(val, float) else f"{key}={val}"
+                              for key, val in row.items()) + f" eta={eta:.0f}s")
+            # ResumeFile.due, decided once for every rank: the stop requests of all ranks so
+            # far (a signal arriving later, say during the save, counts for the next step).
+            stop = None if resume is None else world.agree_stop(resume.stop)
+            if resume is not None and (stop is not None or resume.every > 0
+                                       and (k + 1) % resume.every == 0):
+                if not log_now:
+                    _check_finite(first_bad, loss, params, label, k + 1, resume, world)
+                resume.save({"label": label, "k": k + 1, "model": model.state_dict(),
+                             "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                             "log": list(log.rows), "snapshots": dict(snapshots),
+                             "seconds": round(time.time() - t0, 2)})
+                if stop is not None:
+                    resume.stop = resume.stop or stop  # the signal another rank received
+                    world.barrier()  # rank 0 wrote the resume file before any rank exits
+                    raise resume.preempted()
     return ema, optimizer, snapshots
 
 
@@ -233,6 +254,9 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     section = _section(method)
+    if section not in cfg:
+        raise ValueError(f"the config has no {section!r} section to train {method} with; add one "
+                         "(config/config.yaml has every method's)")
     world = World.from_env()
     if method != "untrained":
         world.check_batch(cfg[section]["batch"], f"{section}.batch")
@@ -251,7 +275,7 @@ def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
     diff = cfg["diffusion"]
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
-    if method in ("cd", "pd"):
+    if method in methods.NEEDS_TEACHER:
         teacher = model_from_checkpoint(load_checkpoint(teacher_path)).to(device)
     section = _section(method)
     identity = run_identity(cfg, method, section, data,
@@ -269,6 +293,8 @@ def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
             x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
         return world.local(x)  # this rank's rows of the global batch
 
+    if world.is_main:
+        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     log = CSVLog(os.path.join(os.path.dirname(out_path) or ".", "train_log.csv")
                  if world.is_main else None)
     payload = {"format": FORMAT, "method": method, "net": net_cfg, "config": cfg,
@@ -288,73 +314,45 @@ def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
         if world.is_main:
             save_checkpoint(out_path, payload)
             resume.remove()
+            if log.rows:  # loss.png beside train_log.csv
+                plot_loss(log.rows, os.path.join(os.path.dirname(log.path), "loss.png"))
     return payload
 
 
 def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start,
                   world):
-    """Teacher, CD, CT or the untrained baseline: one run of ``fit``."""
-    kind = "denoiser" if method == "teacher" else "consistency"
-    model = make_model(net_cfg, kind, cfg["diffusion"]).to(device)
+    """Every method but PD: one run of ``fit`` on the method's loss (cmcore.methods)."""
+    spec = methods.METHODS[method]
+    model = make_model(net_cfg, spec.kind, cfg["diffusion"]).to(device)
     opt = cfg[_section(method)]
     if method == "untrained":
         opt = {**opt, "iters": 0}
-    target, loss_fn, after = None, None, None
-    if method == "teacher":
-        net = world.wrap(model)
-
-        def loss_fn(k):
-            sd = cfg["diffusion"]["sigma_data"]
-            return objectives.edm_loss(net, batch(opt["batch"]), sd), {}
-    elif method in ("cd", "ct"):
-        if method == "cd":  # the paper initialises CD from the teacher
-            model.model.load_state_dict(teacher.model.state_dict())
+    if spec.from_teacher:  # the paper initialises CD from the teacher; so does ECT
+        model.model.load_state_dict(teacher.model.state_dict())
+    target, after, distance = None, None, None
+    if spec.target:
         target = copy.deepcopy(model).eval().requires_grad_(False)
         if start is not None:
             target.load_state_dict(start["target"])
         resume.extra = lambda: {"target": target.state_dict()}
-        distance = get_distance(opt["distance"], **cfg["distance_options"])
-        if hasattr(distance, "to"):
-            distance = distance.to(device)
-        net = world.wrap(model)  # after CD's initialisation; DDP broadcasts rank 0's
-        loss_fn = _cd_loss(net, target, teacher, opt, batch, grid, distance) if method == "cd" \
-            else _ct_loss(net, target, opt, batch, grid, distance)
 
         def after(k, stats):
             # theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
             with torch.no_grad():
                 torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
                                      1 - stats["mu"])
+    if "distance" in opt:
+        distance = get_distance(opt["distance"], **cfg["distance_options"])
+        distance = distance.to(device) if hasattr(distance, "to") else distance
+    net = world.wrap(model)  # after the initialisation; DDP broadcasts rank 0's
+    loss_fn = spec.build(net, target, teacher, opt, batch, grid, distance, cfg) \
+        if spec.build else None
     ema, optimizer, snapshots = fit(model, loss_fn, opt, log, after, echo, label=method,
                                     resume=resume, start=start, world=world)
-    return {"kind": kind, "model": model.state_dict(), "ema": ema.state_dict(),
+    return {"kind": spec.kind, "model": model.state_dict(), "ema": ema.state_dict(),
             "snapshots": snapshots,
             "target": None if target is None else target.state_dict(),
             "optimizer": optimizer.state_dict(), "step": opt["iters"], "train_iters": opt["iters"]}
-
-
-def _cd_loss(f, target, teacher, opt, batch, grid, distance):
-    solver = get_solver(opt["solver"])
-
-    def loss_fn(k):
-        loss = objectives.consistency_distillation_loss(
-            f, target, teacher, batch(opt["batch"]), opt["N"], solver, distance, **grid)
-        return loss, {"N": opt["N"], "mu": opt["target_mu"]}
-    return loss_fn
-
-
-def _ct_loss(f, target, opt, batch, grid, distance):
-    def loss_fn(k):
-        if opt["curriculum"] == "fixed":  # the baseline of Fig. 3d: constant N and mu
-            N, mu = opt["N"], opt["mu"]
-        else:  # the adaptive curriculum: N(k) grows and mu(k) follows it
-            N = schedules.ct_N(k, opt["iters"], opt["s0"], opt["s1"])
-            mu = schedules.ct_mu(k, opt["iters"], opt["s0"], opt["s1"], opt["mu0"],
-                                 opt["schedule_variant"])
-        loss = objectives.consistency_training_loss(
-            f, target, batch(opt["batch"]), N, distance, **grid)
-        return loss, {"N": N, "mu": mu}
-    return loss_fn
 
 
 def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world):

@@ -77,3 +77,19 @@ def cm_process(*args):
 
 def snakemake(*args):
     return run([str(Path(sys.executable).parent / "snakemake"), *map(str, args)])
+
+
+TINY_ABLATIONS = {"enabled": True, "seeds": [0, 1], "num_samples": 60,
+                  "cd": {"iters": 4, "snapshot_every": 2}, "ct": {"iters": 4, "snapshot_every": 2},
+                  "distances": ["l1", "l2"], "solvers": ["euler"], "solver_N": [4],
+                  "heun_N": [6], "ct_fixed": [{"N": 5, "mu": 0.9}]}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """reproduce_table of the tiny config with tiny ablations, run once: (config, outdir)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    config = tiny_config(tmp, ablations=TINY_ABLATIONS)
+    r = snakemake("reproduce_table", "--cores", "2", "--configfile", config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return config, tmp / "results"

@@ -120,3 +120,14 @@ def test_summary_is_the_mean_and_sample_std_over_seeds(tmp_path):
     written = ablations.write_reports(paths, cfg, tmp_path / "tables", tmp_path / "plots")
     assert written == ["fig3a", "fig3c"]  # no CT scores: no panel (d)
     assert "30.00 ± 4.00" in (tmp_path / "tables" / "fig3a.md").read_text()
+
+
+def test_ict_curve_runs_on_the_ct_budget_but_keeps_its_own_s1():
+    cfg = validate({**copy.deepcopy(TINY), "ict": {"iters": 9, "batch": 4, "lr": 0.1, "s1": 80},
+                    "ablations": {"ict": True, "ct": {"iters": 50, "lr": 0.001, "s1": 10}}})
+    assert ablations.panels(cfg)["d"][-1] == ("ict", "iCT (2023)", None)
+    method, out = ablations.run_config(cfg, "ict", 3)
+    assert method == "ict" and (out["ict"]["iters"], out["ict"]["lr"]) == (50, 0.001)
+    assert out["ict"]["s1"] == 80 and out["ict"]["batch"] == 4 and out["seed"] == 3
+    with pytest.raises(Exception, match="an iCT curve needs an ict section"):
+        validate({**copy.deepcopy(TINY), "ablations": {"ict": True}})

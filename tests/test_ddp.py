@@ -145,7 +145,8 @@ def test_two_processes_train_what_one_trains(setup, method):
     assert one["step"] == two["step"] == 40
     # Only rank 0 wrote: the checkpoint and one log, its rows printed once; no resume file left.
     folder = setup["out"][2, method].parent
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "train_log.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint.pt", "loss.png", "train_log.csv"]
     rows = [line.split(",") for line in (folder / "train_log.csv").read_text().splitlines()]
     ref = [line.split(",") for line in
            (setup["out"][1, method].parent / "train_log.csv").read_text().splitlines()]
@@ -200,7 +201,8 @@ def test_sigterm_to_torchrun_then_rerun_equals_one_process(setup, tmp_path):
     r = run(command, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count(f"resuming ct from {partial} at ct step {k}") == 1
-    assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint.pt", "train_log.csv"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "checkpoint.pt", "loss.png", "train_log.csv"]
     one, two = load_checkpoint(str(ref)), load_checkpoint(str(out))
     for weights in ("model", "ema", "target"):
         print(f"ct after SIGTERM at {k}, {weights}: max abs diff "

@@ -1,11 +1,12 @@
 """The Snakemake DAG: dry run and lint are clean, bad configs stop before any job, and the real
 DAG runs end to end on a tiny config and writes a table of finite numbers."""
 
+import json
 import math
 
 import pandas as pd
 import pytest
-from conftest import ROOT, snakemake, tiny_config
+from conftest import ROOT, TINY, snakemake, tiny_config
 
 RULES = ["resolved_config", "prepare_data", "train_classifier", "train_teacher", "train_cd",
          "train_ct", "train_pd", "train_untrained", "sample", "evaluate", "table1", "theorem1",
@@ -43,11 +44,8 @@ def test_bad_config_stops_before_any_job(tmp_path, change, words):
     assert not (tmp_path / "results").exists()
 
 
-def test_tiny_pipeline_end_to_end(tmp_path):
-    config = tiny_config(tmp_path)
-    r = snakemake("reproduce_table", "--cores", "2", "--configfile", config)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path / "results"
+def test_tiny_pipeline_end_to_end(tiny_run):
+    config, out = tiny_run
     table = pd.read_csv(out / "tables" / "table1.csv")
     expected = {("teacher", 4), ("cd", 1), ("cd", 2), ("ct", 1), ("ct", 2), ("pd", 1),
                 ("pd", 2), ("untrained", 1)}
@@ -65,6 +63,17 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         (m, n) for m in ("cd", "ct", "pd") for n in (1, 2, 4))
     assert set(fig4.loc[fig4["method"] == "cd", "taus"]) == {"-", "0.8", "2 0.8 0.3"}
     assert (out / "plots" / "fig4_steps.png").stat().st_size > 0
+    # Fig. 3: each panel's mean and spread are those of the per-seed score files.
+    fig3a = pd.read_csv(out / "tables" / "fig3a.csv").set_index(["run", "iters"])
+    seeds = pd.concat(pd.read_csv(out / "ablations" / "cd-heun-N6-l1" / f"seed{s}" / "scores.csv")
+                      for s in (0, 1)).groupby("iters")["fid"]
+    assert list(seeds.count()) == [2, 2]  # snapshots at 2 and 4 iterations
+    for it, fids in seeds:
+        assert fig3a.loc[("cd-heun-N6-l1", it), "fid_mean"] == pytest.approx(fids.mean())
+        assert fig3a.loc[("cd-heun-N6-l1", it), "fid_std"] == pytest.approx(fids.std())
+    assert sorted(pd.read_csv(out / "tables" / "fig3b.csv")["run"].unique()) == [
+        "cd-euler-N4-l2"]
+    assert "fixed N=5, mu=0.9" in (out / "tables" / "fig3d.md").read_text()
     # Provenance: the resolved config lies beside the results.
     assert "code version" in (out / "config.yaml").read_text()
     # A second run has nothing to do.
@@ -75,3 +84,44 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 def test_root_snakefile_is_where_the_readme_says():
     assert (ROOT / "Snakefile").is_file()
     assert (ROOT / "workflow/schemas/config.schema.yaml").is_file()
+
+
+def test_tiny_extras_end_to_end(tmp_path):
+    # iCT, ECT, continuous-time CD / CT rows, searched taus and the editing grids.
+    section = {"iters": 3, "batch": 16, "lr": 0.0004, "log_every": 1}
+    config = tiny_config(
+        tmp_path, ict={**section, "s1": 40}, ect=section, cd_cont=section, ct_cont=section,
+        sampling={**TINY["sampling"], "curve_steps": [],
+                  "tau_search": {"enabled": True, "iters": 1, "num_samples": 40}},
+        editing={"num_images": 4, "tasks": ["inpaint", "interpolate"]})
+    r = snakemake("reproduce_extras", "--cores", "2", "--configfile", config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "results"
+    table = pd.read_csv(out / "tables" / "table1_extended.csv")
+    for method in ("ict", "ect", "cd_cont", "ct_cont", "cd", "teacher"):
+        rows = table[table["method"] == method]
+        assert len(rows) == (1 if method == "teacher" else 2), method
+        assert rows["fid"].map(math.isfinite).all(), method
+    # The 2-step samplers used the searched tau, not the configured 0.8.
+    search = json.loads((out / "taus" / "cd.json").read_text())
+    assert len(search["taus"]) == 1 and search["taus"][0] != 0.8
+    assert search["trace"][-1] == {"taus": search["taus"], "fid": min(
+        t["fid"] for t in search["trace"])}
+    meta = json.loads((out / "samples" / "cd" / "steps2.json").read_text())
+    assert meta["taus"] == search["taus"]
+    assert table.set_index(["method", "steps"]).loc[("ict", 2), "taus"] == \
+        f"{json.loads((out / 'taus' / 'ict.json').read_text())['taus'][0]:g}"
+
+
+def test_training_with_several_gpus_launches_torchrun(tmp_path):
+    config = tiny_config(tmp_path, resources={"train": {"gpu": 4}})
+    r = snakemake("reproduce_table", "-n", "-p", "--configfile", config)
+    assert r.returncode == 0, r.stderr[-2000:]
+    commands = [line.strip().removeprefix("Shell command: ") for line in r.stdout.splitlines()
+                if " train --method " in line]
+    assert {c.split(" train --method ")[1].split()[0] for c in commands} == {
+        "teacher", "cd", "ct", "pd", "untrained"}
+    for c in commands:
+        launcher = "cm" if "--method untrained" in c else \
+            "torchrun --standalone --nproc_per_node=4 -m cmcore"
+        assert c.startswith(launcher + " train --method "), c

@@ -1,27 +1,5 @@
 # The paper's Fig. 3 ablations (cmcore/ablations.py): one job per run and seed trains and scores
 # its EMA snapshots; one job writes the panels' tables and plots.
-from cmcore.ablations import panels, runs
-
-ABLATIONS = CFG["ablations"]
-ABLATION_PANELS = (
-    [p for p, rows in panels(CFG).items() if rows] if ABLATIONS["enabled"] else []
-)
-ABLATION_SCORES = (
-    [
-        f"{OUT}/ablations/{r}/seed{s}/scores.csv"
-        for r in runs(CFG)
-        for s in ABLATIONS["seeds"]
-    ]
-    if ABLATIONS["enabled"]
-    else []
-)
-
-
-def ablation_teacher(wildcards):
-    """The teacher checkpoint for CD runs; nothing for CT runs."""
-    return [rules.train_teacher.output[0]] if wildcards.run.startswith("cd-") else []
-
-
 rule ablate:
     input:
         cfg=RESOLVED,
@@ -36,7 +14,7 @@ rule ablate:
     benchmark:
         f"{OUT}/benchmarks/ablate_{{run}}_seed{{seed}}.tsv"
     wildcard_constraints:
-        run=r"(cd|ct)-[A-Za-z0-9_.-]+",
+        run=r"(cd|ct)-[A-Za-z0-9_.-]+|ict",
         seed=r"\d+",
     conda:
         ENV
@@ -61,8 +39,29 @@ rule ablation_report:
         cfg=RESOLVED,
         scores=ABLATION_SCORES,
     output:
-        tables=[f"{OUT}/tables/fig3{p}.{ext}" for p in ABLATION_PANELS for ext in ("csv", "md")],
-        plots=[f"{OUT}/plots/fig3{p}.png" for p in ABLATION_PANELS],
+        tables=[
+            report(
+                f"{OUT}/tables/fig3{p}.html",
+                caption="../report/fig3.rst",
+                category="Fig. 3 ablations",
+                labels={"panel": p, "figure": "table"},
+            )
+            for p in ABLATION_PANELS
+        ]
+        + [
+            f"{OUT}/tables/fig3{p}.{ext}"
+            for p in ABLATION_PANELS
+            for ext in ("csv", "md")
+        ],
+        plots=[
+            report(
+                f"{OUT}/plots/fig3{p}.png",
+                caption="../report/fig3.rst",
+                category="Fig. 3 ablations",
+                labels={"panel": p, "figure": "plot"},
+            )
+            for p in ABLATION_PANELS
+        ],
     log:
         f"{OUT}/logs/ablation_report.log",
     benchmark:
@@ -72,8 +71,8 @@ rule ablation_report:
     resources:
         **res("light"),
     params:
-        tables=f"{OUT}/tables",
-        plots=f"{OUT}/plots",
+        tables=lambda wildcards, output: os.path.dirname(output.tables[0]),
+        plots=lambda wildcards, output: os.path.dirname(output.plots[0]),
     shell:
         "cm ablation-report --config {input.cfg} --scores {input.scores}"
         " --out {params.tables} --plots {params.plots} > {log} 2>&1"

@@ -6,6 +6,18 @@ rule table1:
         csv=f"{OUT}/tables/table1.csv",
         md=f"{OUT}/tables/table1.md",
         paper=f"{OUT}/tables/table1_paper.md",
+        html=report(
+            f"{OUT}/tables/table1.html",
+            caption="../report/table1.rst",
+            category="Table 1",
+            labels={"table": "ours"},
+        ),
+        paper_html=report(
+            f"{OUT}/tables/table1_paper.html",
+            caption="../report/table1_paper.rst",
+            category="Table 1",
+            labels={"table": "beside the paper's"},
+        ),
     log:
         f"{OUT}/logs/table1.log",
     benchmark:
@@ -23,10 +35,20 @@ rule theorem1:
     input:
         cfg=RESOLVED,
     output:
-        orders=f"{OUT}/theorem1/orders.csv",
+        orders=report(
+            f"{OUT}/theorem1/orders.csv",
+            caption="../report/theorem1.rst",
+            category="Theorem 1",
+            labels={"figure": "slopes"},
+        ),
         errors=f"{OUT}/theorem1/errors.csv",
         gap=f"{OUT}/theorem1/ct_cd_gap.csv",
-        plot=f"{OUT}/theorem1/orders.png",
+        plot=report(
+            f"{OUT}/theorem1/orders.png",
+            caption="../report/theorem1.rst",
+            category="Theorem 1",
+            labels={"figure": "errors against N"},
+        ),
         gap_plot=f"{OUT}/theorem1/ct_cd_gap.png",
     log:
         f"{OUT}/logs/theorem1.log",
@@ -50,7 +72,18 @@ rule figure4:
     output:
         csv=f"{OUT}/tables/fig4_steps.csv",
         md=f"{OUT}/tables/fig4_steps.md",
-        plot=f"{OUT}/plots/fig4_steps.png",
+        html=report(
+            f"{OUT}/tables/fig4_steps.html",
+            caption="../report/fig4.rst",
+            category="Fig. 4",
+            labels={"figure": "table"},
+        ),
+        plot=report(
+            f"{OUT}/plots/fig4_steps.png",
+            caption="../report/fig4.rst",
+            category="Fig. 4",
+            labels={"figure": "plot"},
+        ),
     log:
         f"{OUT}/logs/figure4.log",
     benchmark:

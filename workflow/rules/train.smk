@@ -3,7 +3,8 @@ rule train_teacher:
         cfg=RESOLVED,
         data=DATA,
     output:
-        train_rule_io("teacher")["output"],
+        ckpt=train_rule_io("teacher")["output"],
+        loss=train_loss_plot("teacher"),
     log:
         train_rule_io("teacher")["log"],
     benchmark:
@@ -14,8 +15,11 @@ rule train_teacher:
     threads: CFG["threads"]
     resources:
         **res("train"),
+    params:
+        cm=TRAIN_CM,
     shell:
-        "cm train --method teacher --config {input.cfg} --data {input.data} --out {output}"
+        "{params.cm} train --method teacher --config {input.cfg} --data {input.data}"
+        " --out {output.ckpt}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -25,7 +29,8 @@ rule train_cd:
         data=DATA,
         teacher=rules.train_teacher.output[0],
     output:
-        train_rule_io("cd")["output"],
+        ckpt=train_rule_io("cd")["output"],
+        loss=train_loss_plot("cd"),
     log:
         train_rule_io("cd")["log"],
     benchmark:
@@ -36,9 +41,11 @@ rule train_cd:
     threads: CFG["threads"]
     resources:
         **res("train"),
+    params:
+        cm=TRAIN_CM,
     shell:
-        "cm train --method cd --config {input.cfg} --data {input.data}"
-        " --teacher {input.teacher} --out {output} --threads {threads} > {log} 2>&1"
+        "{params.cm} train --method cd --config {input.cfg} --data {input.data}"
+        " --teacher {input.teacher} --out {output.ckpt} --threads {threads} > {log} 2>&1"
 
 
 rule train_ct:
@@ -46,7 +53,8 @@ rule train_ct:
         cfg=RESOLVED,
         data=DATA,
     output:
-        train_rule_io("ct")["output"],
+        ckpt=train_rule_io("ct")["output"],
+        loss=train_loss_plot("ct"),
     log:
         train_rule_io("ct")["log"],
     benchmark:
@@ -56,8 +64,11 @@ rule train_ct:
     threads: CFG["threads"]
     resources:
         **res("train"),
+    params:
+        cm=TRAIN_CM,
     shell:
-        "cm train --method ct --config {input.cfg} --data {input.data} --out {output}"
+        "{params.cm} train --method ct --config {input.cfg} --data {input.data}"
+        " --out {output.ckpt}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -67,7 +78,8 @@ rule train_pd:
         data=DATA,
         teacher=rules.train_teacher.output[0],
     output:
-        train_rule_io("pd")["output"],
+        ckpt=train_rule_io("pd")["output"],
+        loss=train_loss_plot("pd"),
     log:
         train_rule_io("pd")["log"],
     benchmark:
@@ -78,9 +90,11 @@ rule train_pd:
     threads: CFG["threads"]
     resources:
         **res("train"),
+    params:
+        cm=TRAIN_CM,
     shell:
-        "cm train --method pd --config {input.cfg} --data {input.data}"
-        " --teacher {input.teacher} --out {output} --threads {threads} > {log} 2>&1"
+        "{params.cm} train --method pd --config {input.cfg} --data {input.data}"
+        " --teacher {input.teacher} --out {output.ckpt} --threads {threads} > {log} 2>&1"
 
 
 rule train_untrained:

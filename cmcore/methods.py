@@ -1,0 +1,101 @@
+"""Training methods: what each one trains and the loss it minimises per step.
+
+A method names its model kind (a denoiser D or a consistency function f), whether it starts
+from the teacher's weights, whether it keeps a target network theta^- (updated after each step
+as theta^- <- mu theta^- + (1 - mu) theta), and its loss builder. A builder returns
+loss_fn(k) -> (loss, stats) for cmcore.training.fit; ``stats['mu']`` is the target's decay.
+
+    teacher   EDM denoising loss (the teacher of CD and PD)
+    cd, ct    the paper's Algorithms 2 and 3
+    ict       improved CT (Song & Dhariwal 2023): theta^- = stopgrad(theta), cmcore.ict
+    ect       easy consistency tuning (Geng et al. 2024) from the teacher, cmcore.ect
+    cd_cont   continuous-time CD (N -> infinity, one JVP per step), cmcore.continuous
+    ct_cont   continuous-time CT, cmcore.continuous
+    untrained the random initialisation of a consistency model (no steps)
+PD is a sequence of fits (cmcore.training._train_pd), not a single loss.
+"""
+
+from dataclasses import dataclass
+
+from cmcore import continuous, ect, ict, objectives, schedules
+from cmcore.solvers import get_solver
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str  # "denoiser" or "consistency"
+    from_teacher: bool  # initialise the backbone from the teacher's (CD, ECT)
+    target: bool  # keep an EMA target network theta^-
+    build: object = None  # (net, target, teacher, opt, batch, grid, distance, cfg) -> loss_fn
+
+
+def _teacher(net, target, teacher, opt, batch, grid, distance, cfg):
+    sd = cfg["diffusion"]["sigma_data"]
+    return lambda k: (objectives.edm_loss(net, batch(opt["batch"]), sd), {})
+
+
+def _cd(net, target, teacher, opt, batch, grid, distance, cfg):
+    solver = get_solver(opt["solver"])
+
+    def loss_fn(k):
+        loss = objectives.consistency_distillation_loss(
+            net, target, teacher, batch(opt["batch"]), opt["N"], solver, distance, **grid)
+        return loss, {"N": opt["N"], "mu": opt["target_mu"]}
+    return loss_fn
+
+
+def _ct(net, target, teacher, opt, batch, grid, distance, cfg):
+    def loss_fn(k):
+        if opt["curriculum"] == "fixed":  # the baseline of Fig. 3d: constant N and mu
+            N, mu = opt["N"], opt["mu"]
+        else:  # the adaptive curriculum: N(k) grows and mu(k) follows it
+            N = schedules.ct_N(k, opt["iters"], opt["s0"], opt["s1"])
+            mu = schedules.ct_mu(k, opt["iters"], opt["s0"], opt["s1"], opt["mu0"],
+                                 opt["schedule_variant"])
+        loss = objectives.consistency_training_loss(
+            net, target, batch(opt["batch"]), N, distance, **grid)
+        return loss, {"N": N, "mu": mu}
+    return loss_fn
+
+
+def _ict(net, target, teacher, opt, batch, grid, distance, cfg):
+    def loss_fn(k):
+        # Exponential curriculum N(k); lognormal pair index; 1 / dt weighting; theta^- = theta.
+        N = ict.ict_N(k, opt["iters"], opt["s0"], opt["s1"])
+        loss = ict.ict_loss(net, batch(opt["batch"]), N, P_mean=opt["P_mean"],
+                            P_std=opt["P_std"], distance=distance, **grid)
+        return loss, {"N": N}
+    return loss_fn
+
+
+def _ect(net, target, teacher, opt, batch, grid, distance, cfg):
+    d = max(1, round(opt["iters"] / opt["stages"]))  # iterations per halving of t - r
+
+    def loss_fn(k):
+        loss = ect.ect_loss(net, batch(opt["batch"]), k, d, q=opt["q"], P_mean=opt["P_mean"],
+                            P_std=opt["P_std"], eps=grid["eps"], T=grid["T"], distance=distance)
+        return loss, {"ect_stage": ect.ect_stage(k, d)}
+    return loss_fn
+
+
+def _cd_cont(net, target, teacher, opt, batch, grid, distance, cfg):
+    return lambda k: (continuous.continuous_cd_loss(net, teacher, batch(opt["batch"]), distance,
+                                                    **grid), {})
+
+
+def _ct_cont(net, target, teacher, opt, batch, grid, distance, cfg):
+    return lambda k: (continuous.continuous_ct_loss(net, batch(opt["batch"]), distance,
+                                                    **grid), {})
+
+
+METHODS = {
+    "teacher": Method("denoiser", False, False, _teacher),
+    "cd": Method("consistency", True, True, _cd),
+    "ct": Method("consistency", False, True, _ct),
+    "ict": Method("consistency", False, False, _ict),
+    "ect": Method("consistency", True, False, _ect),
+    "cd_cont": Method("consistency", True, False, _cd_cont),
+    "ct_cont": Method("consistency", False, False, _ct_cont),
+    "untrained": Method("consistency", False, False, None),
+}
+NEEDS_TEACHER = ("cd", "pd", "ect", "cd_cont")
