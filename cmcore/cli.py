@@ -42,16 +42,24 @@ def _train_classifier(args, cfg):
 
 
 def _train(args, cfg):
+    from cmcore.methods import NEEDS_TEACHER
     from cmcore.training import load_checkpoint, train
 
-    if args.method in ("cd", "pd"):
+    if args.method in NEEDS_TEACHER:
         if not args.teacher:
             raise CheckpointError(f"--teacher is required for method {args.method}")
         load_checkpoint(args.teacher)  # fail before any work on a bad teacher
     if not os.path.isfile(args.data):
         raise DataError(f"prepared data {args.data} is missing; run `cm prepare-data` first")
+    pretrained = cfg["teacher"]["pretrained"] if args.method == "teacher" else None
     if args.dry_run:
-        return f"would train {args.method} on {args.data} -> {args.out}"
+        return f"would {'adopt ' + pretrained if pretrained else 'train'} {args.method} -> " \
+            f"{args.out}"
+    if pretrained:
+        from cmcore.convert import adopt_teacher
+
+        adopt_teacher(cfg, args.data, args.out, pretrained)
+        return f"wrote {args.out}: the pretrained teacher {pretrained}"
     train(cfg, args.method, args.data, args.out, args.teacher)
     return f"wrote {args.out}"
 

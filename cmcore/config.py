@@ -86,6 +86,10 @@ def _check_semantics(cfg):
     if max(all_steps) > start // 2 or any(n & (n - 1) for n in all_steps):
         return (f"sampling: PD students sample with powers of two up to pd.start_steps / 2 = "
                 f"{start // 2}; raise pd.start_steps or drop the larger step counts")
+    pretrained = cfg["teacher"]["pretrained"]
+    if pretrained and not os.path.isfile(pretrained):
+        return (f"teacher.pretrained: {pretrained!r} not found; write it with `cm convert` or "
+                "remove the key to train the teacher")
     ds, ev = cfg["dataset"], cfg["evaluation"]
     if ds["name"] == "cifar10" and not (ds["path"] and os.path.isfile(ds["path"])):
         return (f"dataset.path: CIFAR-10 tarball not found at {ds['path']!r}; download "

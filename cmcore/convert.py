@@ -245,3 +245,23 @@ def edm_teacher(path, edm_code, allow_pickle, cfg):
         "format": "NVlabs/edm network pickle (ema)",
     }
     return teacher_payload(net_cfg, state, cfg, source)
+
+
+def adopt_teacher(cfg, data_path, out_path, source):
+    """Make a converted teacher (``cm convert``) this run's teacher: check that it is a denoiser
+    with the config's network, then write it to ``out_path`` with a loss.png that says so."""
+    from cmcore.checkpoints import load_checkpoint, save_checkpoint
+    from cmcore.data import load_prepared, to_model_space
+    from cmcore.reports import plot_note
+    from cmcore.training import network_config
+
+    ckpt = load_checkpoint(source)
+    expected = network_config(cfg, to_model_space(load_prepared(data_path)[0][:1]).shape)
+    if ckpt.get("kind") != "denoiser" or ckpt.get("net") != expected:
+        raise CheckpointError(
+            f"teacher.pretrained: {source} holds a {ckpt.get('kind')} with network "
+            f"{ckpt.get('net')}; this config's teacher is a denoiser with {expected}")
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    save_checkpoint(out_path, {**ckpt, "pretrained_from": source})
+    plot_note(os.path.join(os.path.dirname(out_path) or ".", "loss.png"),
+              f"pretrained teacher from {os.path.basename(source)}: not trained here")

@@ -188,3 +188,17 @@ def plot_loss(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_note(path, text):
+    """A small PNG holding one line of text (where a plot has nothing to show)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -95,3 +95,29 @@ def test_cifar10_reader_and_paper_config(tmp_path):
     cfg["dataset"]["path"], cfg["evaluation"]["inception_weights"] = str(tar_path), str(weights)
     resolved = validate(cfg)
     assert resolved["cd"]["distance"] == "lpips" and resolved["network"]["model_channels"] == 128
+
+
+def test_pretrained_teacher_is_checked_and_adopted(tmp_path):
+    # A teacher from elsewhere (cm convert writes the same format) replaces training when the
+    # config names it; one with another network is refused in one line.
+    import torch
+
+    from cmcore.checkpoints import load_checkpoint
+
+    tiny = tiny_config(tmp_path)
+    data, source = tmp_path / "data.npz", tmp_path / "elsewhere" / "teacher.pt"
+    assert cm("prepare-data", "--config", tiny, "--out", data).returncode == 0
+    assert cm("train", "--method", "teacher", "--config", tiny, "--data", data,
+              "--out", source).returncode == 0
+    adopted = tmp_path / "runs" / "teacher" / "checkpoint.pt"
+    config = tiny_config(tmp_path, teacher={"pretrained": str(source)})
+    r = cm("train", "--method", "teacher", "--config", config, "--data", data, "--out", adopted)
+    assert r.returncode == 0 and "pretrained teacher" in r.stdout, r.stderr
+    ckpt, original = load_checkpoint(str(adopted)), load_checkpoint(str(source))
+    assert ckpt["pretrained_from"] == str(source)
+    assert all(torch.equal(v, original["ema"][k]) for k, v in ckpt["ema"].items())
+    other = tiny_config(tmp_path, teacher={"pretrained": str(source)},
+                        network={"arch": "ddpmpp", "model_channels": 8, "channel_mult": [1]})
+    r = cm("train", "--method", "teacher", "--config", other, "--data", data, "--out", adopted)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "teacher.pretrained" in r.stderr and "model_channels': 8" in r.stderr

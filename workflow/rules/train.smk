@@ -2,6 +2,9 @@ rule train_teacher:
     input:
         cfg=RESOLVED,
         data=DATA,
+        pretrained=(
+            [CFG["teacher"]["pretrained"]] if CFG["teacher"]["pretrained"] else []
+        ),
     output:
         ckpt=train_rule_io("teacher")["output"],
         loss=train_loss_plot("teacher"),
