@@ -153,6 +153,7 @@ def _plot(rows, panel, path):
         sns.lineplot(data=last, x="N", y="fid", hue="variant", marker="o", errorbar="sd", ax=ax)
         ax.set(xscale="log", xlabel="N (grid points)")
         ns = sorted(last["N"].unique())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(ns, [str(int(n)) for n in ns])
     ax.set(yscale="log", ylabel="FID (1 step)", title=PANELS[panel])
     fig.tight_layout()
