@@ -254,6 +254,9 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     section = _section(method)
+    if cfg["network"].get("label_dim"):  # refuse rather than train a conditional net blind
+        raise ValueError("network.label_dim: class-conditional training (ImageNet 64) does not "
+                         "pass class labels yet; set label_dim: 0 or use an unconditional config")
     if section not in cfg:
         raise ValueError(f"the config has no {section!r} section to train {method} with; add one "
                          "(config/config.yaml has every method's)")
