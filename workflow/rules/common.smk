@@ -4,6 +4,7 @@ import sys
 
 from cmcore.ablations import panels, runs
 from cmcore.config import ConfigError, validate
+from cmcore.methods import NEEDS_TEACHER
 
 try:
     CFG = validate(config)
@@ -57,8 +58,8 @@ TRAIN_CM = (
 )
 
 PAPER_METHODS = ["teacher", "cd", "ct", "pd", "untrained"]
-# Later recipes (issue 6), trained only for the reproduce_extras target, when the config has
-# their section.
+# Later recipes (iCT, ECT, continuous time), trained only for the reproduce_extras target, when
+# the config has their section.
 EXTRA_METHODS = [m for m in ("ict", "ect", "cd_cont", "ct_cont") if m in CFG]
 METHODS = PAPER_METHODS + EXTRA_METHODS
 RUNS = [(m, n) for m in PAPER_METHODS for n in sampler_steps(m)]
@@ -113,11 +114,7 @@ def searched_taus(wildcards):
 
 def extra_teacher(wildcards):
     """The teacher checkpoint for methods that start from it (ECT, continuous-time CD)."""
-    return (
-        [rules.train_teacher.output[0]]
-        if wildcards.method in ("ect", "cd_cont")
-        else []
-    )
+    return [rules.train_teacher.output[0]] if wildcards.method in NEEDS_TEACHER else []
 
 
 wildcard_constraints:
