@@ -65,20 +65,16 @@ def openai_file(tmp_path):
     return path, arch, net
 
 
+
+def convert_openai(config, path, arch, out, *extra):
+    """``cm convert --openai PATH --arch-config ARCH`` in this process."""
+    return cm("convert", "--config", config, "--openai", path, "--arch-config", arch,
+              "--out", out, *extra)
+
 def test_openai_round_trip_is_exact(tmp_path, openai_file):
     path, arch, net = openai_file
     out = tmp_path / "teacher.pt"
-    r = cm(
-        "convert",
-        "--config",
-        tiny_config(tmp_path),
-        "--openai",
-        path,
-        "--arch-config",
-        arch,
-        "--out",
-        out,
-    )
+    r = convert_openai(tiny_config(tmp_path), path, arch, out)
     assert r.returncode == 0, r.stderr
     assert "adm teacher" in r.stdout and "network.arch is 'ddpmpp'" in r.stdout
     ckpt = load_checkpoint(out)
@@ -94,18 +90,7 @@ def test_openai_round_trip_is_exact(tmp_path, openai_file):
 
 def test_openai_dry_run_checks_and_writes_nothing(tmp_path, openai_file):
     path, arch, _ = openai_file
-    r = cm(
-        "convert",
-        "--config",
-        tiny_config(tmp_path),
-        "--openai",
-        path,
-        "--arch-config",
-        arch,
-        "--out",
-        tmp_path / "t.pt",
-        "--dry-run",
-    )
+    r = convert_openai(tiny_config(tmp_path), path, arch, tmp_path / "t.pt", "--dry-run")
     assert r.returncode == 0 and r.stdout.startswith("[dry run] would write")
     assert not (tmp_path / "t.pt").exists()
 
@@ -115,17 +100,7 @@ def test_wrong_shape_names_the_first_mismatching_key(tmp_path, openai_file):
     state = net.state_dict()
     state["input_blocks.3.1.qkv.weight"] = torch.zeros(192, 64, 1)  # guided-diffusion's Conv1d
     torch.save(state, path)
-    r = cm(
-        "convert",
-        "--config",
-        tiny_config(tmp_path),
-        "--openai",
-        path,
-        "--arch-config",
-        arch,
-        "--out",
-        tmp_path / "t.pt",
-    )
+    r = convert_openai(tiny_config(tmp_path), path, arch, tmp_path / "t.pt")
     one_error_line(r, "'input_blocks.3.1.qkv.weight' has shape (192, 64, 1)", "(192, 64, 1, 1)")
     assert not (tmp_path / "t.pt").exists()
 
@@ -154,17 +129,7 @@ def test_foreign_files_give_one_line(tmp_path, openai_file, case, words):
         torch.save(net, path)  # a whole module: refused by weights_only loading
     if case == "text":
         path.write_text("not a checkpoint\n")
-    r = cm(
-        "convert",
-        "--config",
-        tiny_config(tmp_path),
-        "--openai",
-        path,
-        "--arch-config",
-        arch_config,
-        "--out",
-        tmp_path / "t.pt",
-    )
+    r = convert_openai(tiny_config(tmp_path), path, arch_config, tmp_path / "t.pt")
     one_error_line(r, *words)
 
 
