@@ -24,6 +24,7 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/extras.smk"
 
 
+# `snakemake` alone builds reproduce_table, the main target (what `make reproduce` runs).
 rule all:
     default_target: True
     input:

@@ -13,7 +13,8 @@ import numpy as np
 
 from cmcore import config as config_mod
 from cmcore.data import DataError
-from cmcore.training import METHODS, CheckpointError
+from cmcore.training.checkpoints import CheckpointError
+from cmcore.training.loop import METHODS
 
 
 def _prepare_data(args, cfg):
@@ -27,8 +28,8 @@ def _prepare_data(args, cfg):
 
 
 def _train_classifier(args, cfg):
-    from cmcore.classifier import save_classifier, train_classifier
     from cmcore.data import load_prepared
+    from cmcore.evaluation.classifier import save_classifier, train_classifier
 
     images, labels = load_prepared(args.data)
     if args.dry_run:
@@ -42,8 +43,11 @@ def _train_classifier(args, cfg):
 
 
 def _train(args, cfg):
-    from cmcore.methods import NEEDS_TEACHER
-    from cmcore.training import load_checkpoint, train
+    from cmcore.evaluation.reports import plot_train_log
+    from cmcore.methods.registry import NEEDS_TEACHER
+    from cmcore.training.checkpoints import load_checkpoint
+    from cmcore.training.distributed import World
+    from cmcore.training.loop import train
 
     if args.method in NEEDS_TEACHER:
         if not args.teacher:
@@ -60,14 +64,16 @@ def _train(args, cfg):
 
         adopt_teacher(cfg, args.data, args.out, pretrained)
         return f"wrote {args.out}: the pretrained teacher {pretrained}"
-    train(cfg, args.method, args.data, args.out, args.teacher)
+    ckpt = train(cfg, args.method, args.data, args.out, args.teacher)
+    if ckpt["train_iters"] and World.from_env().is_main:  # rank 0 wrote train_log.csv
+        plot_train_log(os.path.dirname(args.out) or ".")  # loss.png beside it
     return f"wrote {args.out}"
 
 
 def _sample(args, cfg):
-    from cmcore.reports import save_grid
-    from cmcore.sampling import sample_checkpoint
-    from cmcore.training import load_checkpoint
+    from cmcore.evaluation.reports import save_grid
+    from cmcore.sampling.samplers import sample_checkpoint
+    from cmcore.training.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     if args.dry_run:
@@ -100,7 +106,7 @@ def _extractor_weights(args, cfg):
 
 def _evaluate(args, cfg):
     from cmcore.data import load_prepared
-    from cmcore.metrics import compute_metrics
+    from cmcore.evaluation.metrics import compute_metrics
 
     ev = cfg["evaluation"]
     weights = _extractor_weights(args, cfg)
@@ -109,7 +115,7 @@ def _evaluate(args, cfg):
         samples = f["arr_0"]
     if args.dry_run:
         return f"would evaluate {samples.shape[0]} samples against {reference.shape[0]} images"
-    from cmcore.training import pick_device
+    from cmcore.models import pick_device
 
     metrics = compute_metrics(samples, reference, extractor=ev["feature_extractor"],
                               weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
@@ -117,7 +123,7 @@ def _evaluate(args, cfg):
     with open(os.path.splitext(args.samples)[0] + ".json") as f:
         meta = json.load(f)
     if ev["feature_extractor"] == "classifier":
-        from cmcore.classifier import load_classifier
+        from cmcore.evaluation.classifier import load_classifier
 
         metrics["extractor_accuracy"] = load_classifier(weights)[1].get("holdout_accuracy")
     record = {**meta, **metrics, "dataset": cfg["dataset"]["name"],
@@ -128,7 +134,7 @@ def _evaluate(args, cfg):
 
 
 def _table(args, cfg):
-    from cmcore.reports import write_table
+    from cmcore.evaluation.reports import write_table
 
     if args.dry_run:
         return f"would gather {len(args.metrics)} metric files into {args.out}"
@@ -137,7 +143,7 @@ def _table(args, cfg):
 
 
 def _theorem1(args, cfg):
-    from cmcore.theorem import run_theorem1
+    from cmcore.experiments.theorem import run_theorem1
 
     s = {k: v for k, v in cfg["theorem1"].items() if k != "enabled"}
     d = cfg["diffusion"]
@@ -151,7 +157,7 @@ def _theorem1(args, cfg):
 
 
 def _figure4(args, cfg):
-    from cmcore.reports import write_steps_figure
+    from cmcore.evaluation.reports import write_steps_figure
 
     if args.dry_run:
         return f"would plot FID against steps from {len(args.metrics)} files into {args.plot}"
@@ -161,8 +167,8 @@ def _figure4(args, cfg):
 
 def _search_tau(args, cfg):
     from cmcore.data import load_prepared
-    from cmcore.tau_search import search_checkpoint_taus
-    from cmcore.training import load_checkpoint
+    from cmcore.sampling.tau_search import search_checkpoint_taus
+    from cmcore.training.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     weights = _extractor_weights(args, cfg)
@@ -184,9 +190,10 @@ def _search_tau(args, cfg):
 
 def _edit(args, cfg):
     from cmcore.data import load_prepared, to_model_space, to_uint8
-    from cmcore.edit_demos import demo
-    from cmcore.reports import save_grid
-    from cmcore.training import load_checkpoint, model_from_checkpoint
+    from cmcore.evaluation.reports import save_grid
+    from cmcore.experiments.edit_demos import demo
+    from cmcore.models import model_from_checkpoint
+    from cmcore.training.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt["kind"] != "consistency":
@@ -206,9 +213,10 @@ def _edit(args, cfg):
 def _ablate(args, cfg):
     import pandas as pd
 
-    from cmcore.ablations import run_config, score_snapshots
     from cmcore.data import load_prepared
-    from cmcore.training import load_checkpoint, train
+    from cmcore.experiments.ablations import run_config, score_snapshots
+    from cmcore.training.checkpoints import load_checkpoint
+    from cmcore.training.loop import train
 
     method, run_cfg = run_config(cfg, args.run, cfg["seed"])
     weights = _extractor_weights(args, cfg)
@@ -231,7 +239,7 @@ def _ablate(args, cfg):
 
 
 def _ablation_report(args, cfg):
-    from cmcore.ablations import write_reports
+    from cmcore.experiments.ablations import write_reports
 
     if args.dry_run:
         return f"would summarise {len(args.scores)} runs into {args.out}/ and {args.plots}/"
@@ -240,7 +248,7 @@ def _ablation_report(args, cfg):
 
 
 def _bench(args, cfg):
-    from cmcore.bench import FIGURES, NETS, run_bench
+    from cmcore.experiments.bench import FIGURES, NETS, run_bench
 
     only = args.only.split(",") if args.only else None
     if args.dry_run:
@@ -257,7 +265,7 @@ def _bench(args, cfg):
 
 def _convert(args, cfg):
     from cmcore import convert
-    from cmcore.checkpoints import save_checkpoint
+    from cmcore.training.checkpoints import save_checkpoint
 
     if bool(args.edm_pickle) == bool(args.openai):
         raise ValueError("give exactly one of --edm-pickle PATH or --openai PATH")

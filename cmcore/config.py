@@ -1,7 +1,9 @@
 """Configuration: load a YAML file, validate it against the JSON schema, fill defaults, and
 check what a schema cannot say. Every problem is one line naming the key and the fix."""
 
+import contextlib
 import copy
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -154,10 +156,82 @@ def code_version():
 
 
 def write_resolved(cfg, path):
-    """Write the validated config (defaults filled) with the code version, atomically."""
+    """Write the validated config (defaults filled) with the code version, atomically, unless
+    ``path`` already holds the same config (a rewrite alone must not look like a change)."""
+    body = yaml.safe_dump(cfg, sort_keys=False)
+    with contextlib.suppress(OSError), open(path) as f:
+        if f.read().split("\n", 1)[-1] == body:
+            return
     tmp = f"{path}.tmp"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(tmp, "w") as f:
-        f.write(f"# resolved config, code version {code_version()}\n")
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        f.write(f"# resolved config, code version {code_version()}\n{body}")
     os.replace(tmp, path)
+
+
+def _type_of(node, root):
+    """A short type of a schema node: enum values, type names and bounds."""
+    node = {**_resolve({k: v for k, v in node.items() if k == "$ref"}, root), **node}
+    if "enum" in node:
+        return " \\| ".join(json.dumps(v) for v in node["enum"])
+    kind = node.get("type", "object" if "properties" in node else "")
+    kind = " or ".join(kind) if isinstance(kind, list) else kind
+    if kind == "array" and isinstance(node.get("items"), dict):
+        kind = f"list of {_type_of(node['items'], root) or 'items'}"
+    bounds = [f"{op} {node[key]}" for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                  ("maximum", "<="), ("exclusiveMaximum", "<"))
+              if key in node]
+    return ", ".join([kind, *bounds]) if kind else ", ".join(bounds)
+
+
+def _text(node):
+    return " ".join(str(node.get("description", "")).split())
+
+
+def _rows(schema, root, prefix):
+    """(dotted key, type, default, description) of every property under ``schema``."""
+    merged = {**_resolve({k: v for k, v in schema.items() if k == "$ref"}, root), **schema}
+    for name, sub in _properties(schema, root).items():
+        sub = {**_resolve({k: v for k, v in sub.items() if k == "$ref"}, root), **sub}
+        key = f"{prefix}{name}"
+        default = json.dumps(sub["default"]) if "default" in sub else ""
+        yield key, _type_of(sub, root), default, _text(sub)
+        if _properties(sub, root):
+            yield from _rows(sub, root, f"{key}.")
+        items = sub.get("items")
+        if isinstance(items, dict) and _properties(items, root):
+            yield from _rows(items, root, f"{key}[].")
+    for pattern, sub in merged.get("patternProperties", {}).items():
+        yield f"{prefix}<{pattern}>", _type_of(sub, root), "", _text(sub)
+
+
+def _table(rows):
+    return ["| key | type | default | description |", "| --- | --- | --- | --- |"] + [
+        f"| `{k}` | {t} | {f'`{d}`' if d else ''} | {text} |" for k, t, d, text in rows] + [""]
+
+
+def schema_markdown():
+    """config/README.md: every config key with its type, default and description, generated
+    from workflow/schemas/config.schema.yaml (`python -m cmcore.config` rewrites it)."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    required = ", ".join(f"`{k}`" for k in schema["required"])
+    lines = ["# Config keys", "",
+             "Generated from `workflow/schemas/config.schema.yaml` by `python -m cmcore.config`",
+             "(a test checks that this file is up to date); do not edit it by hand.",
+             _text(schema), "",
+             "`config.yaml` is the embedded default; `cifar10.yaml`, `imagenet64.yaml` and",
+             "`lsun_*256.yaml` hold the paper's settings; `.test/config/config.yaml` is the tiny",
+             f"config of the tests. Required sections: {required}.", ""]
+    rows = list(_rows(schema, schema, ""))
+    sections = [r for r in rows if "." not in r[0] and any(
+        s[0].startswith(f"{r[0]}.") for s in rows)]
+    lines += ["## Top level", ""] + _table([r for r in rows if "." not in r[0]
+                                            and r not in sections])
+    for key, _, _, text in sections:
+        lines += [f"## `{key}`", "", text, ""] if text else [f"## `{key}`", ""]
+        lines += _table([r for r in rows if r[0].startswith(f"{key}.")])
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    (ROOT / "config" / "README.md").write_text(schema_markdown())

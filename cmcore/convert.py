@@ -12,7 +12,7 @@
   input 1000 c_noise.
 
 Both preconditionings are EDM's with sigma_data = 0.5 (c_noise = ln(sigma) / 4), the one of
-cmcore.precond.Denoiser. The result is what ``cm train --method teacher`` writes: method
+cmcore.diffusion.precond.Denoiser. The result is what ``cm train --method teacher`` writes: method
 ``teacher``, kind ``denoiser``, the backbone arguments under ``net`` and the Denoiser's state dict
 (keys ``model.*``) under ``model`` and ``ema``, plus ``source`` (file, SHA-256, format).
 """
@@ -26,9 +26,9 @@ import sys
 import torch
 import yaml
 
-from cmcore.checkpoints import FORMAT, CheckpointError
 from cmcore.config import code_version
 from cmcore.networks import ADM_PRESETS, SongUNet, build_network
+from cmcore.training.checkpoints import FORMAT, CheckpointError
 
 EDM_URL = "https://github.com/NVlabs/edm"
 OPENAI_URL = "https://github.com/openai/consistency_models (README: checkpoints)"
@@ -250,10 +250,10 @@ def edm_teacher(path, edm_code, allow_pickle, cfg):
 def adopt_teacher(cfg, data_path, out_path, source):
     """Make a converted teacher (``cm convert``) this run's teacher: check that it is a denoiser
     with the config's network, then write it to ``out_path`` with a loss.png that says so."""
-    from cmcore.checkpoints import load_checkpoint, save_checkpoint
     from cmcore.data import load_prepared, to_model_space
-    from cmcore.reports import plot_note
-    from cmcore.training import network_config
+    from cmcore.evaluation.reports import plot_note
+    from cmcore.models import network_config
+    from cmcore.training.checkpoints import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(source)
     expected = network_config(cfg, to_model_space(load_prepared(data_path)[0][:1]).shape)

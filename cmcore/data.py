@@ -2,7 +2,7 @@
 
 - ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, shipped inside its wheel.
 - ``cifar10``: the official ``cifar-10-python.tar.gz`` at a configured path (50,000 train images).
-- ``mixture``: points from a 2-D Gaussian mixture (cmcore.analytic), float32.
+- ``mixture``: points from a 2-D Gaussian mixture (cmcore.diffusion.analytic), float32.
 - ``npz``: uint8 NHWC images under key ``arr_0`` (the official evaluators' format, and what
   ``save_prepared`` writes), class labels under ``labels`` if present (else all 0).
 - ``image_folder``: every .png/.jpg/.jpeg/.webp/.bmp file below a folder (sorted paths), center
@@ -57,8 +57,9 @@ def load_cifar10(path):
 
 
 def load_mixture(num_points, seed, radius=1.0, std=0.1, components=8):
-    """(points float32 (n, 2), component labels) from the ring mixture of cmcore.analytic."""
-    from cmcore.analytic import ring_mixture
+    """(points float32 (n, 2), component labels) from the ring mixture of
+    cmcore.diffusion.analytic."""
+    from cmcore.diffusion.analytic import ring_mixture
 
     gm = ring_mixture(components, radius, std)
     g = torch.Generator().manual_seed(seed)

@@ -11,24 +11,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "dataset": {"name": "digits"},
-    "seed": 0,
-    "device": "cpu",
-    "threads": 1,
-    "network": {"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2],
-                "num_blocks": 1, "attn_resolutions": []},
-    "teacher": {"iters": 6, "batch": 32, "lr": 0.001, "log_every": 3, "sampler_steps": 4},
-    "cd": {"iters": 4, "batch": 32, "lr": 0.0004, "optimizer": "radam", "N": 6,
-           "log_every": 2},
-    "ct": {"iters": 4, "batch": 32, "lr": 0.0004, "optimizer": "radam", "s0": 2, "s1": 10,
-           "log_every": 2},
-    "pd": {"iters": 2, "batch": 32, "lr": 0.0002, "start_steps": 8, "log_every": 2},
-    "sampling": {"num_samples": 120, "batch": 120, "steps": [1, 2], "curve_steps": [1, 2, 4],
-                 "tau": {"2": [0.8], "4": [2.0, 0.8, 0.3]}},
-    "evaluation": {"classifier": {"iters": 30}},
-    "theorem1": {"enabled": False},
-}
+# The tiny config of .test/config/config.yaml; its ablations are added only where asked.
+TINY = yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text())
+TINY_ABLATIONS = TINY.pop("ablations")
+TINY_THEOREM1 = TINY.pop("theorem1")
+TINY["theorem1"] = {"enabled": False}
 
 
 def tiny_config(tmp_path, **changes):
@@ -79,17 +66,12 @@ def snakemake(*args):
     return run([str(Path(sys.executable).parent / "snakemake"), *map(str, args)])
 
 
-TINY_ABLATIONS = {"enabled": True, "seeds": [0, 1], "num_samples": 60,
-                  "cd": {"iters": 4, "snapshot_every": 2}, "ct": {"iters": 4, "snapshot_every": 2},
-                  "distances": ["l1", "l2"], "solvers": ["euler"], "solver_N": [4],
-                  "heun_N": [6], "ct_fixed": [{"N": 5, "mu": 0.9}]}
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """reproduce_table of the tiny config with tiny ablations, run once: (config, outdir)."""
+    """reproduce_table of .test/config/config.yaml (ablations and Theorem 1 included), run
+    once: (config, outdir)."""
     tmp = tmp_path_factory.mktemp("tiny")
-    config = tiny_config(tmp, ablations=TINY_ABLATIONS)
+    config = tiny_config(tmp, ablations=TINY_ABLATIONS, theorem1=TINY_THEOREM1)
     r = snakemake("reproduce_table", "--cores", "2", "--configfile", config)
     assert r.returncode == 0, r.stderr[-3000:]
     return config, tmp / "results"

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TINY
 
-from cmcore import ablations
 from cmcore.config import validate
 from cmcore.data import load_dataset, save_prepared
-from cmcore.training import load_checkpoint, train
+from cmcore.experiments import ablations
+from cmcore.training.checkpoints import load_checkpoint
+from cmcore.training.loop import train
 
 MIXTURE = {
     "dataset": {"name": "mixture", "num_points": 500},

@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
+from cmcore.diffusion.precond import Denoiser
 from cmcore.networks import ADM_PRESETS, ADMUNet, build_network, count_parameters
 from cmcore.networks.adm import timestep_embedding
-from cmcore.precond import Denoiser
 
 SMALL = dict(
     arch="adm",

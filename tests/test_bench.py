@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import cm, tiny_config
 
-from cmcore.bench import FIGURES, NETS, Bench, count_flops, forward_flops, peak_tflops
+from cmcore.experiments.bench import FIGURES, NETS, Bench, count_flops, forward_flops, peak_tflops
 
 TIMED = {"teacher_step", "cd_step_l2", "ct_step", "pd_step", "sample_1step", "sample_2step",
          "sample_heun18", "fid_features"}

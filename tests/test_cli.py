@@ -102,7 +102,7 @@ def test_pretrained_teacher_is_checked_and_adopted(tmp_path):
     # config names it; one with another network is refused in one line.
     import torch
 
-    from cmcore.checkpoints import load_checkpoint
+    from cmcore.training.checkpoints import load_checkpoint
 
     tiny = tiny_config(tmp_path)
     data, source = tmp_path / "data.npz", tmp_path / "elsewhere" / "teacher.pt"

@@ -170,3 +170,14 @@ def test_prepare_data_reads_an_image_folder(tmp_path):
     assert "4 items of shape (8, 8, 3)" in r.stdout
     with np.load(tmp_path / "d.npz") as f:
         assert f["labels"].tolist() == [0, 0, 1, 1]
+
+
+def test_config_readme_is_generated_from_the_schema():
+    from cmcore.config import SCHEMA_PATH, schema_markdown
+
+    text = (ROOT / "config" / "README.md").read_text()
+    assert text == schema_markdown(), "config/README.md is stale: run `python -m cmcore.config`"
+    # Every key of the schema is described, so every row of the README has a description.
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) > 100 and all(not line.endswith("|  |") for line in rows)
+    assert "snapshot_every" in text and SCHEMA_PATH.name in text

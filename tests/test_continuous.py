@@ -5,8 +5,11 @@ against the discrete loss as dt -> 0, and zero residual for exact consistency fu
 import pytest
 import torch
 
-from cmcore.analytic import ring_mixture
-from cmcore.continuous import (
+from cmcore.diffusion.analytic import ring_mixture
+from cmcore.diffusion.precond import ConsistencyFunction
+from cmcore.diffusion.schedules import karras_grid
+from cmcore.diffusion.solvers import drift
+from cmcore.methods.continuous import (
     consistency_residual,
     continuous_cd_loss,
     continuous_consistency_loss,
@@ -15,11 +18,8 @@ from cmcore.continuous import (
     metric_hessian_product,
     total_derivative,
 )
-from cmcore.distances import l1, l2, pseudo_huber
+from cmcore.methods.distances import l1, l2, pseudo_huber
 from cmcore.networks.mlp import MLP
-from cmcore.precond import ConsistencyFunction
-from cmcore.schedules import karras_grid
-from cmcore.solvers import drift
 
 EPS = 0.002
 X0 = torch.tensor([[0.3, -0.7, 0.1, 0.9]], dtype=torch.float64)

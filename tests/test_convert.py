@@ -17,11 +17,11 @@ import torch
 import yaml
 from conftest import cm, tiny_config
 
-from cmcore.checkpoints import load_checkpoint
 from cmcore.convert import songunet_from_edm
+from cmcore.diffusion.precond import Denoiser
+from cmcore.models import model_from_checkpoint
 from cmcore.networks import build_network
-from cmcore.precond import Denoiser
-from cmcore.training import model_from_checkpoint
+from cmcore.training.checkpoints import load_checkpoint
 
 ADM = dict(
     arch="adm",

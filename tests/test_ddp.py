@@ -1,7 +1,7 @@
-"""Data parallel (cmcore.distributed): per-example draws do not depend on the world size, so
-``torchrun --nproc_per_node=2`` on CPU (gloo) trains what one process trains, up to float noise;
-only rank 0 writes; a resume file of one process resumes under two; an indivisible batch is a
-one-line error."""
+"""Data parallel (cmcore.training.distributed): per-example draws do not depend on the world
+size, so ``torchrun --nproc_per_node=2`` on CPU (gloo) trains what one process trains, up to
+float noise; only rank 0 writes; a resume file of one process resumes under two; an indivisible
+batch is a one-line error."""
 
 import os
 import re
@@ -17,14 +17,15 @@ import torch.nn.functional as F
 import yaml
 from conftest import ROOT, cm, run
 
-from cmcore import objectives
-from cmcore.checkpoints import Preempted
 from cmcore.config import load
 from cmcore.data import load_dataset, save_prepared
-from cmcore.distances import l2
-from cmcore.distributed import World
-from cmcore.solvers import get_solver
-from cmcore.training import load_checkpoint, make_model, train
+from cmcore.diffusion.solvers import get_solver
+from cmcore.methods import objectives
+from cmcore.methods.distances import l2
+from cmcore.models import make_model
+from cmcore.training.checkpoints import Preempted, load_checkpoint
+from cmcore.training.distributed import World
+from cmcore.training.loop import train
 
 CFG = {
     "dataset": {"name": "mixture", "num_points": 1000, "xflip": True},

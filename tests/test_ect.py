@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from cmcore.ect import (
+from cmcore.diffusion.precond import Denoiser
+from cmcore.methods.ect import (
     consistency_from_denoiser,
     ect_loss,
     ect_r,
@@ -16,7 +17,6 @@ from cmcore.ect import (
     ect_stage,
 )
 from cmcore.networks.mlp import MLP
-from cmcore.precond import Denoiser
 
 EPS = 0.002
 X0 = torch.tensor([[0.3, -0.7, 0.1, 0.9]], dtype=torch.float64)

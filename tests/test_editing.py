@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cmcore.editing import (
+from cmcore.diffusion.precond import ConsistencyFunction
+from cmcore.sampling.editing import (
     BlockRotation,
     ChannelRotation,
     colorize,
@@ -16,8 +17,7 @@ from cmcore.editing import (
     sdedit,
     super_resolve,
 )
-from cmcore.precond import ConsistencyFunction
-from cmcore.sampling import consistency_sample
+from cmcore.sampling.samplers import consistency_sample
 
 EPS = 0.002
 TAUS = (80.0, 2.0, 0.5)

@@ -1,7 +1,8 @@
-"""The fast-step options (cmcore.fast: precision, tf32, fused, compile) against the plain path on
-CPU: the defaults are the plain path bitwise, fused Adam / foreach RAdam agree within 1e-6, bf16
-autocast within bf16's rounding; EMA and target updates equal a loop over parameters; between
-log rows fit never asks the device for a value; inference-mode targets are safe."""
+"""The fast-step options (cmcore.training.fast: precision, tf32, fused, compile) against the
+plain path on CPU: the defaults are the plain path bitwise, fused Adam / foreach RAdam agree
+within 1e-6, bf16 autocast within bf16's rounding; EMA and target updates equal a loop over
+parameters; between log rows fit never asks the device for a value; inference-mode targets are
+safe."""
 
 import contextlib
 import copy
@@ -13,12 +14,16 @@ import torch
 from conftest import TINY
 from torch.overrides import TorchFunctionMode
 
-from cmcore import fast, objectives, schedules, training
 from cmcore.config import ConfigError, validate
 from cmcore.data import load_dataset, save_prepared
-from cmcore.distances import l2
-from cmcore.solvers import heun_step
-from cmcore.training import load_checkpoint, make_model, train
+from cmcore.diffusion import schedules
+from cmcore.diffusion.solvers import heun_step
+from cmcore.methods import objectives
+from cmcore.methods.distances import l2
+from cmcore.models import make_model
+from cmcore.training import fast, loop
+from cmcore.training.checkpoints import load_checkpoint
+from cmcore.training.loop import train
 
 QUIET = dict(echo=lambda s: None)
 PLAIN = {"precision": "fp32", "tf32": False, "fused": False, "compile": False}
@@ -142,12 +147,12 @@ def test_bf16_autocast_is_close_to_fp32(setup, tmp_path, monkeypatch, method):
 
 
 class Recorder:
-    """Wraps training.fit: the parameters after each optimizer step, the EMA and target;
+    """Wraps loop.fit: the parameters after each optimizer step, the EMA and target;
     ``calls``: (initial, trained) parameters of each fit."""
 
     def __init__(self, monkeypatch):
-        self.steps, self.calls, self.real = [], [], training.fit
-        monkeypatch.setattr(training, "fit", self.fit)
+        self.steps, self.calls, self.real = [], [], loop.fit
+        monkeypatch.setattr(loop, "fit", self.fit)
 
     def fit(self, model, loss_fn, opt, log, after_step=None, *args, resume=None, **kwargs):
         self.model, self.opt = model, opt
@@ -219,7 +224,7 @@ class SyncWatch(TorchFunctionMode):
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("method", SECTIONS)
 def test_no_host_sync_between_log_rows(setup, tmp_path, monkeypatch, method, fused):
-    real, watch, seen = training.fit, SyncWatch(), {}
+    real, watch, seen = loop.fit, SyncWatch(), {}
 
     def fit(model, loss_fn, opt, *args, **kwargs):
         def watched(k):
@@ -231,7 +236,7 @@ def test_no_host_sync_between_log_rows(setup, tmp_path, monkeypatch, method, fus
             s["step"] for s in out[1].state.values() if "step" in s)
         seen["K"] = opt["iters"]
         return out
-    monkeypatch.setattr(training, "fit", fit)
+    monkeypatch.setattr(loop, "fit", fit)
     warm = {"warmup": 3, "grad_clip": 1.0}  # both exercised
     run(setup, tmp_path, method, iters=8, log_every=4, fused=fused, **warm)
     counters = {id(c) for c in seen["counters"]}

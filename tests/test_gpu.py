@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import TINY
 
-from cmcore import training
 from cmcore.config import validate
 from cmcore.data import load_dataset, save_prepared
-from cmcore.training import load_checkpoint, train
+from cmcore.training import loop
+from cmcore.training.checkpoints import load_checkpoint
+from cmcore.training.loop import train
 
 DEVICE = os.environ.get("CM_GPU_TEST_DEVICE", "cuda")
 CUDA = DEVICE.startswith("cuda")
@@ -28,7 +29,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA only")
 FAST = {"precision": "bf16", "tf32": True, "fused": True}
 PLAIN = {"precision": "fp32", "tf32": False, "fused": False}
 QUIET = dict(echo=lambda s: None)
-REAL_FIT = training.fit
+REAL_FIT = loop.fit
 
 
 def config(**sections):
@@ -68,7 +69,7 @@ def run(prepared, monkeypatch, method, name, **options):
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         first.append((after - before).double().cpu())
         return result
-    monkeypatch.setattr(training, "fit", fit)
+    monkeypatch.setattr(loop, "fit", fit)
     train(config(**{method: options}), method, prepared["data"], str(out),
           teacher_path=prepared["teacher"], **QUIET)
     with open(os.path.join(os.path.dirname(out), "train_log.csv")) as f:
@@ -124,7 +125,7 @@ def test_no_device_sync_between_log_rows(prepared, monkeypatch, method):
             return REAL_FIT(model, strict, opt, *args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    monkeypatch.setattr(training, "fit", fit)
+    monkeypatch.setattr(loop, "fit", fit)
     options = {**FAST, "grad_clip": 1.0, "warmup": 3}
     out = prepared["tmp"] / f"sync-{method}" / "checkpoint.pt"
     out.parent.mkdir()

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmcore.distances import l2
-from cmcore.ict import ict_loss, ict_N, ict_probabilities, ict_weighting
-from cmcore.rng import same_randomness
-from cmcore.schedules import karras_grid
+from cmcore.diffusion.rng import same_randomness
+from cmcore.diffusion.schedules import karras_grid
+from cmcore.methods.distances import l2
+from cmcore.methods.ict import ict_loss, ict_N, ict_probabilities, ict_weighting
 
 EPS = 0.002
 X0 = torch.tensor([[0.3, -0.7, 0.1, 0.9]], dtype=torch.float64)

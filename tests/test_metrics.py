@@ -1,24 +1,25 @@
-"""Tests of cmcore.classifier and cmcore.metrics (torch-fidelity with the digits classifier)."""
+"""Tests of cmcore.evaluation.classifier and cmcore.evaluation.metrics (torch-fidelity with the
+digits classifier)."""
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
-from cmcore.classifier import (
+from cmcore.data import load_digits
+from cmcore.evaluation.classifier import (
     load_classifier,
     save_classifier,
     to_model_input,
-    torch_threads,
     train_classifier,
 )
-from cmcore.data import load_digits
-from cmcore.metrics import (
+from cmcore.evaluation.metrics import (
     ImagesU8Dataset,
     MetricsError,
     compute_metrics,
     extract_features,
 )
+from cmcore.threads import torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,14 +6,14 @@ For p_data = delta(x0): D(x, t) = x0 and the consistency function is f(x, t) = x
 import pytest
 import torch
 
-from cmcore.distances import l1, l2, pseudo_huber
-from cmcore.objectives import (
+from cmcore.diffusion.solvers import euler_step, heun_step
+from cmcore.methods.distances import l1, l2, pseudo_huber
+from cmcore.methods.objectives import (
     consistency_distillation_loss,
     consistency_training_loss,
     edm_loss,
     progressive_distillation_loss,
 )
-from cmcore.solvers import euler_step, heun_step
 
 EPS = 0.002
 X0 = torch.tensor([[0.3, -0.7, 0.1, 0.9]], dtype=torch.float64)
@@ -70,7 +70,7 @@ def test_distances_by_hand():
 
 
 def test_lpips_random_backbone_and_missing_weights(monkeypatch, tmp_path):
-    from cmcore.distances import LPIPS, lpips_backbone_available
+    from cmcore.methods.distances import LPIPS, lpips_backbone_available
 
     torch.manual_seed(0)
     d = LPIPS(backbone="random")
@@ -83,7 +83,7 @@ def test_lpips_random_backbone_and_missing_weights(monkeypatch, tmp_path):
 
 
 def test_training_distance_labels_lpips_backbone():
-    from cmcore.sampling import training_distance
+    from cmcore.sampling.samplers import training_distance
 
     cfg = {"cd": {"distance": "lpips"}, "ct": {"distance": "l1"},
            "distance_options": {"lpips_backbone": "random", "lpips_resize": 224}}

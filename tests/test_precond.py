@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from cmcore.diffusion.precond import ConsistencyFunction, Denoiser
 from cmcore.networks import build_network
-from cmcore.precond import ConsistencyFunction, Denoiser
 
 SMALL_UNET = dict(arch="ddpmpp", img_resolution=8, in_channels=1, model_channels=16,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])

@@ -14,11 +14,11 @@ import torch
 import yaml
 from conftest import ROOT, cm
 
-from cmcore import objectives
-from cmcore.checkpoints import Preempted
 from cmcore.config import load
 from cmcore.data import load_dataset, save_prepared
-from cmcore.training import CheckpointError, load_checkpoint, train
+from cmcore.methods import objectives
+from cmcore.training.checkpoints import CheckpointError, Preempted, load_checkpoint
+from cmcore.training.loop import train
 
 CFG = {
     "dataset": {"name": "mixture", "num_points": 1000},

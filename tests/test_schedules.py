@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cmcore.schedules import ct_mu, ct_N, ema_warmup_decay, karras_grid, pd_grid
+from cmcore.diffusion.schedules import ct_mu, ct_N, ema_warmup_decay, karras_grid, pd_grid
 
 
 def test_karras_grid_endpoints_are_exact():

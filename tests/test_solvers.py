@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from cmcore.analytic import ring_mixture
-from cmcore.schedules import karras_grid
-from cmcore.solvers import edm_sampler, euler_step, heun_step
+from cmcore.diffusion.analytic import ring_mixture
+from cmcore.diffusion.schedules import karras_grid
+from cmcore.diffusion.solvers import edm_sampler, euler_step, heun_step
 
 GM = ring_mixture(K=4, std=0.2)
 T_HI, EPS = 2.0, 0.002

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cmcore.tau_search import greedy_tau_search
+from cmcore.sampling.tau_search import greedy_tau_search
 
 
 class Score:

@@ -6,15 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from cmcore.analytic import ring_mixture
-from cmcore.classifier import torch_threads
-from cmcore.distances import l2
-from cmcore.networks import build_network
-from cmcore.objectives import consistency_distillation_loss, consistency_training_loss
-from cmcore.precond import ConsistencyFunction
-from cmcore.schedules import karras_grid
-from cmcore.solvers import euler_step, heun_step
-from cmcore.theorem import (
+from cmcore.diffusion.analytic import ring_mixture
+from cmcore.diffusion.precond import ConsistencyFunction
+from cmcore.diffusion.schedules import karras_grid
+from cmcore.diffusion.solvers import euler_step, heun_step
+from cmcore.experiments.theorem import (
     ct_cd_gap,
     fit_slope,
     grid_reference,
@@ -23,6 +19,10 @@ from cmcore.theorem import (
     zero_loss_cd_error,
     zero_loss_consistency,
 )
+from cmcore.methods.distances import l2
+from cmcore.methods.objectives import consistency_distillation_loss, consistency_training_loss
+from cmcore.networks import build_network
+from cmcore.threads import torch_threads
 
 GM = ring_mixture(K=8, radius=1.0, std=0.3)
 

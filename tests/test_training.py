@@ -6,11 +6,13 @@ import copy
 import pytest
 import torch
 
-from cmcore.analytic import ring_mixture
 from cmcore.config import validate
 from cmcore.data import load_dataset, save_prepared
-from cmcore.sampling import consistency_sample
-from cmcore.training import CheckpointError, load_checkpoint, model_from_checkpoint, train
+from cmcore.diffusion.analytic import ring_mixture
+from cmcore.models import model_from_checkpoint
+from cmcore.sampling.samplers import consistency_sample
+from cmcore.training.checkpoints import CheckpointError, load_checkpoint
+from cmcore.training.loop import train
 
 CFG = {
     "dataset": {"name": "mixture", "num_points": 4000},

@@ -21,8 +21,8 @@ The attention splits qkv channels as (3, heads, head_channels), as the consisten
 does (flash attention, ``b (three h d) s``); guided-diffusion's legacy order differs. The code is
 our own.
 
-Noise conditioning. Our wrappers (cmcore.precond) call F(c_in x, c_noise) with the EDM label
-c_noise = ln(sigma) / 4. The openai code feeds its U-Net ``rescaled_t = 1000 * 0.25 *
+Noise conditioning. Our wrappers (cmcore.diffusion.precond) call F(c_in x, c_noise) with the EDM
+label c_noise = ln(sigma) / 4. The openai code feeds its U-Net ``rescaled_t = 1000 * 0.25 *
 ln(sigma + 1e-44)`` (``KarrasDenoiser.denoise`` in ``cm/karras_diffusion.py``, for the EDM
 teacher and the consistency model alike, with the same c_skip, c_out, c_in), so ``forward``
 embeds t = 1000 c_noise with the sinusoidal embedding [cos(t w_j), sin(t w_j)],

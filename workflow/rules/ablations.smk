@@ -1,14 +1,14 @@
-# The paper's Fig. 3 ablations (cmcore/ablations.py): one job per run and seed trains and scores
-# its EMA snapshots; one job writes the panels' tables and plots.
+# The paper's Fig. 3 ablations (cmcore.experiments.ablations): one job per run and seed trains
+# and scores its EMA snapshots; one job writes the panels' tables and plots.
 rule ablate:
     input:
-        cfg=RESOLVED,
         data=DATA,
         teacher=ablation_teacher,
         extractor=extractor_weights,
     output:
         scores=f"{OUT}/ablations/{{run}}/seed{{seed}}/scores.csv",
         checkpoint=f"{OUT}/ablations/{{run}}/seed{{seed}}/checkpoint.pt",
+        train_log=f"{OUT}/ablations/{{run}}/seed{{seed}}/train_log.csv",
     log:
         f"{OUT}/logs/ablate_{{run}}_seed{{seed}}.log",
     benchmark:
@@ -22,21 +22,19 @@ rule ablate:
     resources:
         **res("train"),
     params:
-        teacher=lambda wildcards, input: (
-            f"--teacher {input.teacher}" if input.teacher else ""
-        ),
-        classifier=lambda wildcards, input: (
-            f"--classifier {input.extractor}" if input.extractor else ""
-        ),
+        config=RESOLVED,
+        settings=settings("ablate", run=str, seed=int),
+        teacher=flag("teacher", "teacher"),
+        classifier=flag("classifier", "extractor"),
     shell:
-        "cm ablate --config {input.cfg} --run {wildcards.run} --seed {wildcards.seed}"
-        " --data {input.data} {params.teacher} {params.classifier} --out {output.scores}"
-        " --threads {threads} > {log} 2>&1"
+        "cm ablate --config {params.config:q} --run {wildcards.run} --seed {wildcards.seed}"
+        " --data {input.data:q} {params.teacher} {params.classifier}"
+        " --checkpoint {output.checkpoint:q} --train-log {output.train_log:q}"
+        " --out {output.scores:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule ablation_report:
     input:
-        cfg=RESOLVED,
         scores=ABLATION_SCORES,
     output:
         tables=[
@@ -71,8 +69,10 @@ rule ablation_report:
     resources:
         **res("light"),
     params:
-        tables=lambda wildcards, output: os.path.dirname(output.tables[0]),
-        plots=lambda wildcards, output: os.path.dirname(output.plots[0]),
+        config=RESOLVED,
+        settings=settings("ablation-report"),
+        tables=f"{OUT}/tables",
+        plots=f"{OUT}/plots",
     shell:
-        "cm ablation-report --config {input.cfg} --scores {input.scores}"
-        " --out {params.tables} --plots {params.plots} > {log} 2>&1"
+        "cm ablation-report --config {params.config:q} --scores {input.scores:q}"
+        " --out {params.tables:q} --plots {params.plots:q} > {log:q} 2>&1"

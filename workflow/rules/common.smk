@@ -1,10 +1,10 @@
-# Config validation, run enumeration and input functions; no rules.
-import os
+# Config validation, the resolved config, run enumeration, input functions and flag builders;
+# no rules. Torch-free: `snakemake -n` builds the DAG on a login node without torch.
+import shlex
 import sys
 
-from cmcore.ablations import panels, runs
-from cmcore.config import ConfigError, validate
-from cmcore.methods import NEEDS_TEACHER
+from cmcore import dag
+from cmcore.config import ConfigError, validate, write_resolved
 
 try:
     CFG = validate(config)
@@ -13,9 +13,47 @@ except ConfigError as error:
 
 OUT = CFG["outdir"]
 ENV = "../envs/cmcore.yaml"
-RESOLVED = f"{OUT}/config.yaml"
 DATA = f"{OUT}/data/train.npz"
 CLASSIFIER = f"{OUT}/classifier/classifier.pt"
+# The resolved config (defaults filled) that every step reads. No rule takes it as input, so an
+# edit reruns only the steps whose settings it changes: each rule's `params.settings` holds
+# exactly the values its outputs depend on (cmcore.dag). It is written when jobs are about to
+# run (never by a dry run), and only when its content changes.
+RESOLVED = f"{OUT}/config.yaml"
+
+
+onstart:
+    write_resolved(CFG, RESOLVED)
+
+
+localrules:
+    all,
+    reproduce_table,
+    reproduce_extras,
+    table1,
+    table_extended,
+    figure4,
+    ablation_report,
+    edits,
+
+
+def settings(step, **keys):
+    """params of a rule: the config values that shape the step's outputs (cmcore.dag.settings).
+    ``keys`` name the job (method, steps, run, seed): a value, or the type to read the job's
+    wildcard of that name as."""
+
+    def of_job(wildcards):
+        named = {k: v(wildcards[k]) if callable(v) else v for k, v in keys.items()}
+        return dag.settings_key(dag.settings(CFG, step, **named))
+
+    return of_job
+
+
+def flag(name, key):
+    """A params function: `--name PATH` when the optional input `key` is there, else ''."""
+    return lambda wildcards, input: (
+        f"--{name} {shlex.quote(str(input[key]))}" if input[key] else ""
+    )
 
 
 def res(kind):
@@ -32,35 +70,10 @@ def sampler_steps(method):
     return sorted(set(CFG["sampling"]["steps"]) | set(CFG["sampling"]["curve_steps"]))
 
 
-def train_loss_plot(method):
-    """The loss plot a training run writes beside its CSV log, shown in the report."""
-    return report(
-        f"{OUT}/runs/{method}/loss.png",
-        caption="../report/loss.rst",
-        category="Training",
-        labels={"method": method, "figure": "loss"},
-    )
-
-
-def train_rule_io(method):
-    """Checkpoint, log and benchmark paths of one training rule."""
-    return dict(
-        output=f"{OUT}/runs/{method}/checkpoint.pt",
-        log=f"{OUT}/logs/train_{method}.log",
-        benchmark=f"{OUT}/benchmarks/train_{method}.tsv",
-    )
-
-
-# Training with several GPUs in one job runs data-parallel under torchrun (cmcore.distributed).
-_GPUS = CFG["resources"]["train"]["gpu"]
-TRAIN_CM = (
-    f"torchrun --standalone --nproc_per_node={_GPUS} -m cmcore" if _GPUS > 1 else "cm"
-)
-
-PAPER_METHODS = ["teacher", "cd", "ct", "pd", "untrained"]
+PAPER_METHODS = list(dag.PAPER_METHODS)
 # Later recipes (iCT, ECT, continuous time), trained only for the reproduce_extras target, when
 # the config has their section.
-EXTRA_METHODS = [m for m in ("ict", "ect", "cd_cont", "ct_cont") if m in CFG]
+EXTRA_METHODS = [m for m in dag.EXTRA_METHODS if m in CFG]
 METHODS = PAPER_METHODS + EXTRA_METHODS
 RUNS = [(m, n) for m in PAPER_METHODS for n in sampler_steps(m)]
 EXTRA_RUNS = [(m, n) for m in EXTRA_METHODS for n in CFG["sampling"]["steps"]]
@@ -72,6 +85,20 @@ TABLE1_RUNS = [
 CURVE_RUNS = [
     (m, n) for m in ("cd", "ct", "pd") for n in CFG["sampling"]["curve_steps"]
 ]
+TEACHER = f"{OUT}/runs/teacher/checkpoint.pt"
+
+
+def teacher_of(wildcards):
+    """The teacher checkpoint of a method that starts from it, the converted teacher file for
+    the teacher when teacher.pretrained names one; nothing otherwise."""
+    if wildcards.method == "teacher":
+        return [CFG["teacher"]["pretrained"]] if CFG["teacher"]["pretrained"] else []
+    return [TEACHER] if wildcards.method in dag.NEEDS_TEACHER else []
+
+
+def train_priority(wildcards):
+    """The teacher first, then its students: they are the DAG's critical path."""
+    return {"teacher": 2, "cd": 1, "pd": 1}.get(wildcards.method, 0)
 
 
 def extractor_weights(wildcards):
@@ -83,12 +110,12 @@ def extractor_weights(wildcards):
 
 ABLATIONS = CFG["ablations"]
 ABLATION_PANELS = (
-    [p for p, rows in panels(CFG).items() if rows] if ABLATIONS["enabled"] else []
+    [p for p, rows in dag.panels(CFG).items() if rows] if ABLATIONS["enabled"] else []
 )
 ABLATION_SCORES = (
     [
         f"{OUT}/ablations/{r}/seed{s}/scores.csv"
-        for r in runs(CFG)
+        for r in dag.runs(CFG)
         for s in ABLATIONS["seeds"]
     ]
     if ABLATIONS["enabled"]
@@ -98,7 +125,7 @@ ABLATION_SCORES = (
 
 def ablation_teacher(wildcards):
     """The teacher checkpoint for CD runs; nothing for CT runs."""
-    return [rules.train_teacher.output[0]] if wildcards.run.startswith("cd-") else []
+    return [TEACHER] if wildcards.run.startswith("cd-") else []
 
 
 SEARCH_TAUS = CFG["sampling"]["tau_search"]["enabled"]
@@ -106,15 +133,10 @@ SEARCH_TAUS = CFG["sampling"]["tau_search"]["enabled"]
 
 def searched_taus(wildcards):
     """The searched taus of a consistency model's multistep sampling, when the config asks."""
-    searched = wildcards.method not in ("teacher", "pd", "untrained")
+    searched = wildcards.method not in dag.DENOISERS + ("untrained",)
     if SEARCH_TAUS and searched and int(wildcards.steps) > 1:
         return [f"{OUT}/taus/{wildcards.method}.json"]
     return []
-
-
-def extra_teacher(wildcards):
-    """The teacher checkpoint for methods that start from it (ECT, continuous-time CD)."""
-    return [rules.train_teacher.output[0]] if wildcards.method in NEEDS_TEACHER else []
 
 
 wildcard_constraints:

@@ -1,21 +1,4 @@
-rule resolved_config:
-    output:
-        RESOLVED,
-    log:
-        f"{OUT}/logs/resolved_config.log",
-    conda:
-        ENV
-    params:
-        cfg=CFG,
-    run:
-        from cmcore.config import write_resolved
-
-        write_resolved(params.cfg, output[0])
-
-
 rule prepare_data:
-    input:
-        cfg=RESOLVED,
     output:
         DATA,
     log:
@@ -26,13 +9,15 @@ rule prepare_data:
         ENV
     resources:
         **res("light"),
+    params:
+        config=RESOLVED,
+        settings=settings("prepare-data"),
     shell:
-        "cm prepare-data --config {input.cfg} --out {output} > {log} 2>&1"
+        "cm prepare-data --config {params.config:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule train_classifier:
     input:
-        cfg=RESOLVED,
         data=DATA,
     output:
         CLASSIFIER,
@@ -45,6 +30,9 @@ rule train_classifier:
     threads: CFG["threads"]
     resources:
         **res("light"),
+    params:
+        config=RESOLVED,
+        settings=settings("train-classifier"),
     shell:
-        "cm train-classifier --config {input.cfg} --data {input.data} --out {output}"
-        " --threads {threads} > {log} 2>&1"
+        "cm train-classifier --config {params.config:q} --data {input.data:q} --out {output:q}"
+        " --threads {threads} > {log:q} 2>&1"

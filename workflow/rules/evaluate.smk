@@ -1,6 +1,5 @@
 rule evaluate:
     input:
-        cfg=RESOLVED,
         samples=rules.sample.output.samples,
         meta=rules.sample.output.meta,
         reference=DATA,
@@ -17,10 +16,10 @@ rule evaluate:
     resources:
         **res("evaluate"),
     params:
-        classifier=lambda wildcards, input: (
-            f"--classifier {input.extractor}" if input.extractor else ""
-        ),
+        config=RESOLVED,
+        settings=settings("evaluate"),
+        classifier=flag("classifier", "extractor"),
     shell:
-        "cm evaluate --config {input.cfg} --samples {input.samples}"
-        " --reference {input.reference} {params.classifier} --out {output}"
-        " --threads {threads} > {log} 2>&1"
+        "cm evaluate --config {params.config:q} --samples {input.samples:q}"
+        " --meta {input.meta:q} --reference {input.reference:q} {params.classifier}"
+        " --out {output:q} --threads {threads} > {log:q} 2>&1"

@@ -1,45 +1,9 @@
-# Beyond the paper: iCT, ECT and continuous-time CD / CT, trained for the
+# Beyond the paper: iCT, ECT and continuous-time CD / CT (trained by rule train), for the
 # reproduce_extras target only (they would push reproduce_table past its time goal).
-
-
-rule train_extra:
-    input:
-        cfg=RESOLVED,
-        data=DATA,
-        teacher=extra_teacher,
-    output:
-        ckpt=f"{OUT}/runs/{{method}}/checkpoint.pt",
-        loss=report(
-            f"{OUT}/runs/{{method}}/loss.png",
-            caption="../report/loss.rst",
-            category="Training",
-            labels={"method": "{method}", "figure": "loss"},
-        ),
-    log:
-        f"{OUT}/logs/train_{{method}}.log",
-    benchmark:
-        f"{OUT}/benchmarks/train_{{method}}.tsv"
-    wildcard_constraints:
-        method="|".join(EXTRA_METHODS) or "no-extra-method",
-    conda:
-        ENV
-    threads: CFG["threads"]
-    resources:
-        **res("train"),
-    params:
-        cm=TRAIN_CM,
-        teacher=lambda wildcards, input: (
-            f"--teacher {input.teacher}" if input.teacher else ""
-        ),
-    shell:
-        "{params.cm} train --method {wildcards.method} --config {input.cfg}"
-        " --data {input.data}"
-        " {params.teacher} --out {output.ckpt} --threads {threads} > {log} 2>&1"
 
 
 rule table_extended:
     input:
-        cfg=RESOLVED,
         metrics=[
             f"{OUT}/metrics/{m}/steps{n}.json" for m, n in TABLE1_RUNS + EXTRA_RUNS
         ],
@@ -60,14 +24,16 @@ rule table_extended:
         ENV
     resources:
         **res("light"),
+    params:
+        config=RESOLVED,
+        settings=settings("table"),
     shell:
-        "cm table --config {input.cfg} --metrics {input.metrics} --out {output.csv}"
-        " > {log} 2>&1"
+        "cm table --config {params.config:q} --metrics {input.metrics:q} --out {output.csv:q}"
+        " --md {output.md:q} --html {output.html:q} > {log:q} 2>&1"
 
 
 rule edit:
     input:
-        cfg=RESOLVED,
         checkpoint=f"{OUT}/runs/{CFG['editing']['method']}/checkpoint.pt",
         data=DATA,
     output:
@@ -88,9 +54,13 @@ rule edit:
     threads: CFG["threads"]
     resources:
         **res("sample"),
+    params:
+        config=RESOLVED,
+        settings=settings("edit"),
     shell:
-        "cm edit --config {input.cfg} --checkpoint {input.checkpoint} --data {input.data}"
-        " --task {wildcards.task} --out {output} --threads {threads} > {log} 2>&1"
+        "cm edit --config {params.config:q} --checkpoint {input.checkpoint:q}"
+        " --data {input.data:q} --task {wildcards.task} --out {output:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule edits:

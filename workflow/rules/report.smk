@@ -1,17 +1,16 @@
 rule table1:
     input:
-        cfg=RESOLVED,
         metrics=[f"{OUT}/metrics/{m}/steps{n}.json" for m, n in TABLE1_RUNS],
     output:
         csv=f"{OUT}/tables/table1.csv",
         md=f"{OUT}/tables/table1.md",
-        paper=f"{OUT}/tables/table1_paper.md",
         html=report(
             f"{OUT}/tables/table1.html",
             caption="../report/table1.rst",
             category="Table 1",
             labels={"table": "ours"},
         ),
+        paper_md=f"{OUT}/tables/table1_paper.md",
         paper_html=report(
             f"{OUT}/tables/table1_paper.html",
             caption="../report/table1_paper.rst",
@@ -26,14 +25,16 @@ rule table1:
         ENV
     resources:
         **res("light"),
+    params:
+        config=RESOLVED,
+        settings=settings("table"),
     shell:
-        "cm table --config {input.cfg} --metrics {input.metrics} --out {output.csv}"
-        " > {log} 2>&1"
+        "cm table --config {params.config:q} --metrics {input.metrics:q} --out {output.csv:q}"
+        " --md {output.md:q} --html {output.html:q} --paper-md {output.paper_md:q}"
+        " --paper-html {output.paper_html:q} > {log:q} 2>&1"
 
 
 rule theorem1:
-    input:
-        cfg=RESOLVED,
     output:
         orders=report(
             f"{OUT}/theorem1/orders.csv",
@@ -50,6 +51,7 @@ rule theorem1:
             labels={"figure": "errors against N"},
         ),
         gap_plot=f"{OUT}/theorem1/ct_cd_gap.png",
+        summary=f"{OUT}/theorem1/summary.json",
     log:
         f"{OUT}/logs/theorem1.log",
     benchmark:
@@ -60,14 +62,16 @@ rule theorem1:
     resources:
         **res("light"),
     params:
-        out=lambda wildcards, output: os.path.dirname(output.orders),
+        config=RESOLVED,
+        settings=settings("theorem1"),
+        out=f"{OUT}/theorem1",
     shell:
-        "cm theorem1 --config {input.cfg} --out {params.out} --threads {threads} > {log} 2>&1"
+        "cm theorem1 --config {params.config:q} --out {params.out:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule figure4:
     input:
-        cfg=RESOLVED,
         metrics=[f"{OUT}/metrics/{m}/steps{n}.json" for m, n in CURVE_RUNS],
     output:
         csv=f"{OUT}/tables/fig4_steps.csv",
@@ -92,9 +96,12 @@ rule figure4:
         ENV
     resources:
         **res("light"),
+    params:
+        config=RESOLVED,
+        settings=settings("figure4"),
     shell:
-        "cm figure4 --config {input.cfg} --metrics {input.metrics} --out {output.csv}"
-        " --plot {output.plot} > {log} 2>&1"
+        "cm figure4 --config {params.config:q} --metrics {input.metrics:q} --out {output.csv:q}"
+        " --md {output.md:q} --html {output.html:q} --plot {output.plot:q} > {log:q} 2>&1"
 
 
 rule reproduce_table:

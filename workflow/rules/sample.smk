@@ -1,6 +1,5 @@
 rule search_tau:
     input:
-        cfg=RESOLVED,
         checkpoint=f"{OUT}/runs/{{method}}/checkpoint.pt",
         data=DATA,
         extractor=extractor_weights,
@@ -16,18 +15,17 @@ rule search_tau:
     resources:
         **res("sample"),
     params:
-        classifier=lambda wildcards, input: (
-            f"--classifier {input.extractor}" if input.extractor else ""
-        ),
+        config=RESOLVED,
+        settings=settings("search-tau", method=str),
+        classifier=flag("classifier", "extractor"),
     shell:
-        "cm search-tau --config {input.cfg} --checkpoint {input.checkpoint}"
-        " --data {input.data} {params.classifier} --out {output} --threads {threads}"
-        " > {log} 2>&1"
+        "cm search-tau --config {params.config:q} --checkpoint {input.checkpoint:q}"
+        " --data {input.data:q} {params.classifier} --out {output:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule sample:
     input:
-        cfg=RESOLVED,
         checkpoint=f"{OUT}/runs/{{method}}/checkpoint.pt",
         taus=searched_taus,
     output:
@@ -49,8 +47,10 @@ rule sample:
     resources:
         **res("sample"),
     params:
-        taus=lambda wildcards, input: f"--taus {input.taus}" if input.taus else "",
+        config=RESOLVED,
+        settings=settings("sample", method=str, steps=int),
+        taus=flag("taus", "taus"),
     shell:
-        "cm sample --config {input.cfg} --checkpoint {input.checkpoint} --steps {wildcards.steps}"
-        " --out {output.samples} --grid {output.grid} {params.taus} --threads {threads}"
-        " > {log} 2>&1"
+        "cm sample --config {params.config:q} --checkpoint {input.checkpoint:q}"
+        " --steps {wildcards.steps} {params.taus} --out {output.samples:q}"
+        " --meta {output.meta:q} --grid {output.grid:q} --threads {threads} > {log:q} 2>&1"

@@ -1,119 +1,61 @@
-rule train_teacher:
+# Training: one rule over {method} for the teacher, CD, CT, PD and the later recipes (the
+# teacher checkpoint is an input for the methods that start from it), and the untrained
+# baseline, which is an initialisation rather than a training run.
+TRAINED = [m for m in METHODS if m != "untrained"]
+
+
+rule train:
     input:
-        cfg=RESOLVED,
         data=DATA,
-        pretrained=(
-            [CFG["teacher"]["pretrained"]] if CFG["teacher"]["pretrained"] else []
+        teacher=teacher_of,
+    output:
+        ckpt=f"{OUT}/runs/{{method}}/checkpoint.pt",
+        train_log=f"{OUT}/runs/{{method}}/train_log.csv",
+        loss=report(
+            f"{OUT}/runs/{{method}}/loss.png",
+            caption="../report/loss.rst",
+            category="Training",
+            labels={"method": "{method}", "figure": "loss"},
         ),
-    output:
-        ckpt=train_rule_io("teacher")["output"],
-        loss=train_loss_plot("teacher"),
     log:
-        train_rule_io("teacher")["log"],
+        f"{OUT}/logs/train_{{method}}.log",
     benchmark:
-        train_rule_io("teacher")["benchmark"]
-    priority: 2
+        f"{OUT}/benchmarks/train_{{method}}.tsv"
+    wildcard_constraints:
+        method="|".join(TRAINED),
+    priority: train_priority
     conda:
         ENV
     threads: CFG["threads"]
     resources:
         **res("train"),
     params:
-        cm=TRAIN_CM,
+        config=RESOLVED,
+        settings=settings("train", method=str),
+        teacher=flag("teacher", "teacher"),
     shell:
-        "{params.cm} train --method teacher --config {input.cfg} --data {input.data}"
-        " --out {output.ckpt}"
-        " --threads {threads} > {log} 2>&1"
+        "cm train --method {wildcards.method} --config {params.config:q} --data {input.data:q}"
+        " {params.teacher} --out {output.ckpt:q} --train-log {output.train_log:q}"
+        " --loss-plot {output.loss:q} --gpus {resources.gpu} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
-rule train_cd:
+rule untrained:
     input:
-        cfg=RESOLVED,
-        data=DATA,
-        teacher=rules.train_teacher.output[0],
-    output:
-        ckpt=train_rule_io("cd")["output"],
-        loss=train_loss_plot("cd"),
-    log:
-        train_rule_io("cd")["log"],
-    benchmark:
-        train_rule_io("cd")["benchmark"]
-    priority: 1
-    conda:
-        ENV
-    threads: CFG["threads"]
-    resources:
-        **res("train"),
-    params:
-        cm=TRAIN_CM,
-    shell:
-        "{params.cm} train --method cd --config {input.cfg} --data {input.data}"
-        " --teacher {input.teacher} --out {output.ckpt} --threads {threads} > {log} 2>&1"
-
-
-rule train_ct:
-    input:
-        cfg=RESOLVED,
         data=DATA,
     output:
-        ckpt=train_rule_io("ct")["output"],
-        loss=train_loss_plot("ct"),
+        f"{OUT}/runs/untrained/checkpoint.pt",
     log:
-        train_rule_io("ct")["log"],
+        f"{OUT}/logs/train_untrained.log",
     benchmark:
-        train_rule_io("ct")["benchmark"]
-    conda:
-        ENV
-    threads: CFG["threads"]
-    resources:
-        **res("train"),
-    params:
-        cm=TRAIN_CM,
-    shell:
-        "{params.cm} train --method ct --config {input.cfg} --data {input.data}"
-        " --out {output.ckpt}"
-        " --threads {threads} > {log} 2>&1"
-
-
-rule train_pd:
-    input:
-        cfg=RESOLVED,
-        data=DATA,
-        teacher=rules.train_teacher.output[0],
-    output:
-        ckpt=train_rule_io("pd")["output"],
-        loss=train_loss_plot("pd"),
-    log:
-        train_rule_io("pd")["log"],
-    benchmark:
-        train_rule_io("pd")["benchmark"]
-    priority: 1
-    conda:
-        ENV
-    threads: CFG["threads"]
-    resources:
-        **res("train"),
-    params:
-        cm=TRAIN_CM,
-    shell:
-        "{params.cm} train --method pd --config {input.cfg} --data {input.data}"
-        " --teacher {input.teacher} --out {output.ckpt} --threads {threads} > {log} 2>&1"
-
-
-rule train_untrained:
-    input:
-        cfg=RESOLVED,
-        data=DATA,
-    output:
-        train_rule_io("untrained")["output"],
-    log:
-        train_rule_io("untrained")["log"],
-    benchmark:
-        train_rule_io("untrained")["benchmark"]
+        f"{OUT}/benchmarks/train_untrained.tsv"
     conda:
         ENV
     resources:
         **res("light"),
+    params:
+        config=RESOLVED,
+        settings=settings("train", method="untrained"),
     shell:
-        "cm train --method untrained --config {input.cfg} --data {input.data} --out {output}"
-        " > {log} 2>&1"
+        "cm train --method untrained --config {params.config:q} --data {input.data:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -1,5 +1,5 @@
-"""The editing figures of the DAG: each zero-shot task of cmcore.editing applied to real images
-of the data set, as rows (reference, the task's input, the consistency model's output).
+"""The editing figures of the DAG: each zero-shot task of cmcore.sampling.editing applied to real
+images of the data set, as rows (reference, the task's input, the consistency model's output).
 
     inpaint      the right half of each image is generated, the left half kept
     superres     2x2 block means are kept, the rest generated
@@ -12,7 +12,7 @@ of the data set, as rows (reference, the task's input, the consistency model's o
 import torch
 import torch.nn.functional as F
 
-from cmcore import editing
+from cmcore.sampling import editing
 
 TASKS = ("inpaint", "superres", "colorize", "sdedit", "denoise", "interpolate")
 

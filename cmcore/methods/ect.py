@@ -27,9 +27,9 @@ import math
 
 import torch
 
-from cmcore.distances import pseudo_huber
-from cmcore.precond import ConsistencyFunction, _per_sample
-from cmcore.rng import same_randomness
+from cmcore.diffusion.precond import ConsistencyFunction, _per_sample
+from cmcore.diffusion.rng import same_randomness
+from cmcore.methods.distances import pseudo_huber
 
 # ECT's CIFAR-10 distance: sqrt(||x - y||^2 + c^2) - c with c = 0, the plain l2 norm.
 ECT_DISTANCE = functools.partial(pseudo_huber, c=0.0)
@@ -38,8 +38,9 @@ ECT_DISTANCE = functools.partial(pseudo_huber, c=0.0)
 def consistency_from_denoiser(D, eps=0.002):
     """f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with the denoiser's F, copied.
 
-    ``D`` is a cmcore.precond.Denoiser (EDM preconditioning); c_in and c_noise agree between
-    the two wrappers, so ECT's start is the teacher's backbone under the CM boundary scalings.
+    ``D`` is a cmcore.diffusion.precond.Denoiser (EDM preconditioning); c_in and c_noise agree
+    between the two wrappers, so ECT's start is the teacher's backbone under the CM boundary
+    scalings.
     """
     return ConsistencyFunction(copy.deepcopy(D.model), sigma_data=D.sigma_data, eps=eps)
 

@@ -2,7 +2,7 @@
 
 Inception-v3 is meaningless on 8x8 grayscale digits and runs at about 7 images/s on 2 CPU cores,
 so the embedded default computes FID, IS and precision/recall in the feature space of this
-classifier instead (``cmcore.metrics`` registers it with torch-fidelity):
+classifier instead (``cmcore.evaluation.metrics`` registers it with torch-fidelity):
 
     phi(x) = SiLU(W_1 h(x) + b_1)      penultimate features, ``feature_dim`` (default 128) wide
     logits = W_2 Dropout(phi(x)) + b_2  ``num_classes`` (default 10) wide
@@ -12,7 +12,6 @@ Checkpoints are plain dicts ``{"format", "state_dict", "meta"}`` loaded with ``w
 the architecture is inferred from the state dict's shapes, so a checkpoint needs no class pickle.
 """
 
-import contextlib
 import json
 import os
 import tempfile
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cmcore.threads import torch_threads
 
 CHECKPOINT_FORMAT = "cmcore-classifier-v1"
 
@@ -74,22 +75,6 @@ def classifier_from_state_dict(state_dict):
     net = DigitsClassifier(in_channels, num_classes, channels, feature_dim)
     net.load_state_dict(state_dict)
     return net
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads):
-    """Run the body with ``torch.set_num_threads(num_threads)`` (None: unchanged), then restore.
-
-    Tiny networks gain little from a second intra-op thread, and on a busy 2-core machine
-    (Snakemake running jobs side by side) two spinning threads can be 5-10x slower than one.
-    """
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _random_shift(x, generator, max_shift=1):

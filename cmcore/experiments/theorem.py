@@ -19,15 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmcore.analytic import ring_mixture
-from cmcore.classifier import torch_threads
 from cmcore.config import code_version
-from cmcore.distances import l2
+from cmcore.diffusion.analytic import ring_mixture
+from cmcore.diffusion.precond import ConsistencyFunction, _per_sample
+from cmcore.diffusion.schedules import karras_grid
+from cmcore.diffusion.solvers import euler_step, get_solver
+from cmcore.methods.distances import l2
+from cmcore.methods.objectives import consistency_distillation_loss
 from cmcore.networks import build_network
-from cmcore.objectives import consistency_distillation_loss
-from cmcore.precond import ConsistencyFunction, _per_sample
-from cmcore.schedules import karras_grid
-from cmcore.solvers import euler_step, get_solver
+from cmcore.threads import torch_threads
 
 DEFAULTS = {
     "solvers": ["euler", "heun"],

@@ -19,10 +19,10 @@ import math
 
 import torch
 
-from cmcore.distances import pseudo_huber
-from cmcore.precond import _per_sample
-from cmcore.rng import same_randomness
-from cmcore.schedules import karras_grid
+from cmcore.diffusion.precond import _per_sample
+from cmcore.diffusion.rng import same_randomness
+from cmcore.diffusion.schedules import karras_grid
+from cmcore.methods.distances import pseudo_huber
 
 
 def ict_N(k, K, s0=10, s1=1280):

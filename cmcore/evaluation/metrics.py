@@ -9,8 +9,8 @@ Two feature extractors, both registered with torch-fidelity and chosen by ``extr
 - ``"inception"``: torch-fidelity's ``inception-v3-compat`` (pool 2048 features for FID and
   precision/recall, unbiased logits for IS, as in torch-fidelity's defaults), weights from a
   local file (config key ``evaluation.inception_weights``).
-- ``"classifier"``: ``cm-classifier``, the small CNN of ``cmcore.classifier`` trained on the
-  embedded digits (config key ``evaluation.classifier``): penultimate ``features`` (128-d by
+- ``"classifier"``: ``cm-classifier``, the small CNN of ``cmcore.evaluation.classifier`` trained
+  on the embedded digits (config key ``evaluation.classifier``): penultimate ``features`` (128-d by
   default) for FID and precision/recall, ``logits`` for IS.
 
 Images enter as uint8 NHWC numpy arrays and are wrapped in a Dataset of uint8 CHW tensors, the
@@ -30,7 +30,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from cmcore.classifier import load_classifier, to_model_input, torch_threads
+from cmcore.evaluation.classifier import load_classifier, to_model_input
+from cmcore.threads import torch_threads
 
 CLASSIFIER_EXTRACTOR = "cm-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -40,7 +41,8 @@ INCEPTION_WEIGHTS_HINT = (
     f"({URL_INCEPTION_V3}; pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
     "carries the same hash suffix)"
 )
-CLASSIFIER_WEIGHTS_HINT = "train it with the pipeline's classifier step (cmcore.classifier)"
+CLASSIFIER_WEIGHTS_HINT = (
+    "train it with the pipeline's classifier step (cmcore.evaluation.classifier)")
 
 
 class MetricsError(ValueError):

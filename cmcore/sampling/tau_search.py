@@ -78,9 +78,9 @@ def search_checkpoint_taus(ckpt, cfg, reference, weights):
     taus of n steps are the first n - 1 (greedy: a prefix never changes with more steps)."""
     import copy
 
-    from cmcore.metrics import compute_metrics
-    from cmcore.sampling import sample_checkpoint
-    from cmcore.training import pick_device
+    from cmcore.evaluation.metrics import compute_metrics
+    from cmcore.models import pick_device
+    from cmcore.sampling.samplers import sample_checkpoint
 
     ts, d, ev = cfg["sampling"]["tau_search"], cfg["diffusion"], cfg["evaluation"]
     steps = sorted(set(cfg["sampling"]["steps"]) | set(cfg["sampling"]["curve_steps"]))

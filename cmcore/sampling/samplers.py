@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from cmcore.objectives import ddim_step
-from cmcore.schedules import pd_grid
+from cmcore.diffusion.schedules import pd_grid
+from cmcore.methods.objectives import ddim_step
 
 
 @torch.no_grad()
@@ -58,8 +58,8 @@ def sample_checkpoint(ckpt, cfg, steps, taus=None):
     sampler, NFE and taus).
     """
     from cmcore.data import to_uint8
-    from cmcore.solvers import edm_sampler, edm_sampler_nfe
-    from cmcore.training import model_from_checkpoint, pick_device
+    from cmcore.diffusion.solvers import edm_sampler, edm_sampler_nfe
+    from cmcore.models import model_from_checkpoint, pick_device
 
     device = pick_device(cfg["device"])
     method, d, smp = ckpt["method"], ckpt["config"]["diffusion"], cfg["sampling"]

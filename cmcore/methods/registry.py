@@ -7,18 +7,19 @@ loss_fn(k) -> (loss, stats) for cmcore.training.fit; ``stats['mu']`` is the targ
 
     teacher   EDM denoising loss (the teacher of CD and PD)
     cd, ct    the paper's Algorithms 2 and 3
-    ict       improved CT (Song & Dhariwal 2023): theta^- = stopgrad(theta), cmcore.ict
-    ect       easy consistency tuning (Geng et al. 2024) from the teacher, cmcore.ect
-    cd_cont   continuous-time CD (N -> infinity, one JVP per step), cmcore.continuous
-    ct_cont   continuous-time CT, cmcore.continuous
+    ict       improved CT (Song & Dhariwal 2023): theta^- = stopgrad(theta), cmcore.methods.ict
+    ect       easy consistency tuning (Geng et al. 2024) from the teacher, cmcore.methods.ect
+    cd_cont   continuous-time CD (N -> infinity, one JVP per step), cmcore.methods.continuous
+    ct_cont   continuous-time CT, cmcore.methods.continuous
     untrained the random initialisation of a consistency model (no steps)
 PD is a sequence of fits (cmcore.training._train_pd), not a single loss.
 """
 
 from dataclasses import dataclass
 
-from cmcore import continuous, ect, ict, objectives, schedules
-from cmcore.solvers import get_solver
+from cmcore.diffusion import schedules
+from cmcore.diffusion.solvers import get_solver
+from cmcore.methods import continuous, ect, ict, objectives
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ API (times tau_1 > tau_2 > ...; images NCHW in [-1, 1]; ``clip`` clamps each f o
 
 import torch
 
-from cmcore.rng import same_randomness
-from cmcore.sampling import consistency_sample
+from cmcore.diffusion.rng import same_randomness
+from cmcore.sampling.samplers import consistency_sample
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights; they sum to one
 

@@ -1,5 +1,6 @@
 """Reports: tables gathered from metric JSON files (CSV + Markdown) and sample grids (PNG)."""
 
+import csv
 import json
 import os
 
@@ -188,6 +189,15 @@ def plot_loss(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_train_log(folder):
+    """``<folder>/loss.png`` from ``<folder>/train_log.csv`` (the training loop's log beside its
+    checkpoint), drawn by ``plot_loss``; the caller of the loop draws it after training."""
+    with open(os.path.join(folder, "train_log.csv"), newline="") as f:
+        rows = [{"stage": r["stage"], "step": int(r["step"]), "loss": float(r["loss"])}
+                for r in csv.DictReader(f)]  # the values fit wrote: float(repr(x)) == x
+    plot_loss(rows, os.path.join(folder, "loss.png"))
 
 
 def plot_note(path, text):

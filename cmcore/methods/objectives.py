@@ -11,8 +11,8 @@ import functools
 
 import torch
 
-from cmcore.precond import _per_sample
-from cmcore.schedules import karras_grid, pd_grid
+from cmcore.diffusion.precond import _per_sample
+from cmcore.diffusion.schedules import karras_grid, pd_grid
 
 
 def edm_loss(D, x0, sigma_data=0.5, P_mean=-1.2, P_std=1.2):

@@ -5,8 +5,8 @@ Every solver takes a denoiser callable ``D(x, sigma)``; times may be floats or (
 
 import torch
 
-from cmcore.precond import _per_sample
-from cmcore.schedules import karras_grid
+from cmcore.diffusion.precond import _per_sample
+from cmcore.diffusion.schedules import karras_grid
 
 
 def drift(D, x, t):

@@ -7,7 +7,8 @@ trained once per seed:
     cd-{solver}-N{N}-{distance}   consistency distillation (Fig. 3a-c)
     ct-adaptive                   consistency training with the N(k), mu(k) curriculum (Fig. 3d)
     ct-fixed-N{N}-mu{mu}          consistency training with constant N and mu (Fig. 3d baseline)
-    ict                           improved CT (cmcore.ict) beside them, when ablations.ict is on
+    ict                           improved CT (cmcore.methods.ict) beside them, when
+                                  ablations.ict is on
 
 Panels: (a) CD distance at cd.solver and cd.N, FID against iterations; (b) Euler vs Heun over N;
 (c) Heun over N; (d) adaptive vs fixed CT, FID against iterations. Each run differs from the
@@ -22,7 +23,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from cmcore.reports import write_markdown
+from cmcore.evaluation.reports import write_markdown
 
 PANELS = {
     "a": "Fig. 3a: CD, distance metric",
@@ -91,9 +92,9 @@ def run_config(cfg, run, seed):
 def score_snapshots(ckpt, cfg, reference, classifier):
     """FID (and IS, precision, recall) of one-step samples of every EMA snapshot of ``ckpt``,
     one row per snapshot iteration, the final EMA included."""
-    from cmcore.metrics import compute_metrics
-    from cmcore.sampling import sample_checkpoint, training_distance
-    from cmcore.training import pick_device
+    from cmcore.evaluation.metrics import compute_metrics
+    from cmcore.models import pick_device
+    from cmcore.sampling.samplers import sample_checkpoint, training_distance
 
     ev = cfg["evaluation"]
     sample_cfg = copy.deepcopy(cfg)

@@ -34,11 +34,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cmcore import objectives as obj
+from cmcore.diffusion.precond import ConsistencyFunction, Denoiser
+from cmcore.diffusion.solvers import edm_sampler, heun_step
+from cmcore.methods import objectives as obj
 from cmcore.networks import ARCHS, build_network
-from cmcore.precond import ConsistencyFunction, Denoiser
-from cmcore.sampling import consistency_sample
-from cmcore.solvers import edm_sampler, heun_step
+from cmcore.sampling.samplers import consistency_sample
 
 # Backbone arguments and default batch of each named benchmark network (arch "ddpmpp").
 NETS = {
@@ -289,7 +289,7 @@ class Bench:
         """The registered torch-fidelity extractor's forward on a uint8 NCHW batch."""
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-        from cmcore.metrics import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR
+        from cmcore.evaluation.metrics import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR
 
         x = ((self.x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         if inception:
@@ -303,7 +303,7 @@ class Bench:
         cls = FEATURE_EXTRACTORS_REGISTRY[name]
         with tempfile.TemporaryDirectory(prefix="cm-bench-") as tmp:
             if path is None:  # random weights: the extractor's speed, not its quality
-                from cmcore.classifier import DigitsClassifier, save_classifier
+                from cmcore.evaluation.classifier import DigitsClassifier, save_classifier
 
                 res = [self.net_cfg["img_resolution"]] * 2
                 weights = os.path.join(tmp, "classifier.pt")
@@ -347,7 +347,7 @@ def run_bench(cfg, *, net="embedded", batch=None, device="auto", repeats=None, w
 
     One JSON line per figure goes to ``echo`` and, when ``out`` is a path, to that .jsonl file.
     """
-    from cmcore.distances import LPIPS, l2, lpips_backbone_available
+    from cmcore.methods.distances import LPIPS, l2, lpips_backbone_available
 
     wanted = list(only or FIGURES)
     unknown = sorted(set(wanted) - set(FIGURES))

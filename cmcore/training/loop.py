@@ -1,20 +1,22 @@
 """One training loop for every objective: optimizer, warm-up, evaluation EMA, target network
 theta^- with decay mu(k), CSV log and atomic checkpoints.
 
-Methods: those of cmcore.methods (teacher, cd, ct, ict, ect, cd_cont, ct_cont, untrained: one
-fit each) and ``pd`` (progressive distillation, one fit per halving of the steps).
+Methods: those of cmcore.methods.registry (teacher, cd, ct, ict, ect, cd_cont, ct_cont,
+untrained: one fit each) and ``pd`` (progressive distillation, one fit per halving of the steps).
 
 Preemption: every ``ckpt_every`` iterations, and at the end of the step in which SIGTERM or
-SIGUSR1 arrives, the run writes its resume file ``<out>.partial`` (cmcore.checkpoints); a signal
-then ends it with Preempted (exit status 143 for SIGTERM, 138 for SIGUSR1). ``train`` continues
-from a resume file of the same run and reaches bitwise the same checkpoint as an uninterrupted
-run on CPU. ``<out>`` is written only when training completes.
+SIGUSR1 arrives, the run writes its resume file ``<out>.partial`` (cmcore.training.checkpoints);
+a signal then ends it with Preempted (exit status 143 for SIGTERM, 138 for SIGUSR1). ``train``
+continues from a resume file of the same run and reaches bitwise the same checkpoint as an
+uninterrupted run on CPU. ``<out>`` is written only when training completes; its loss plot is
+the caller's (``cm train`` draws ``loss.png`` from the CSV log, cmcore.evaluation.reports).
 
 Data parallel: under ``torchrun --nproc_per_node=P`` each rank trains on its B/P rows of the
-global batch B, gradients averaged by DDP, and only rank 0 writes files (cmcore.distributed).
+global batch B, gradients averaged by DDP, and only rank 0 writes files
+(cmcore.training.distributed).
 
-GPU options (each method's section, cmcore.fast): ``precision: bf16`` runs the loss (online,
-teacher and target forwards) under bf16 autocast while backward, optimizer, EMA and target
+GPU options (each method's section, cmcore.training.fast): ``precision: bf16`` runs the loss
+(online, teacher and target forwards) under bf16 autocast while backward, optimizer, EMA and target
 updates stay fp32; ``tf32`` (default true) allows TF32 matmuls and convolutions on CUDA;
 ``fused`` (default auto: CUDA only) fuses the Adam step (RAdam: foreach); ``compile`` (default
 false, experimental) runs the online network through torch.compile. The defaults leave CPU
@@ -32,64 +34,29 @@ import time
 import torch
 from tqdm import tqdm
 
-from cmcore import fast, methods, objectives, schedules
-from cmcore.checkpoints import (  # noqa: F401  (CheckpointError, FORMAT: re-exported)
+from cmcore.config import code_version
+from cmcore.data import load_prepared, to_model_space
+from cmcore.diffusion import schedules
+from cmcore.methods import objectives, registry
+from cmcore.methods.distances import get_distance
+from cmcore.models import make_model, model_from_checkpoint, network_config, pick_device
+from cmcore.training import fast
+from cmcore.training.checkpoints import (
     FORMAT,
-    CheckpointError,
     ResumeFile,
     load_checkpoint,
     run_identity,
     save_checkpoint,
     set_rng_states,
 )
-from cmcore.config import code_version
-from cmcore.data import load_prepared, to_model_space
-from cmcore.distances import get_distance
-from cmcore.distributed import World
-from cmcore.networks import build_network
-from cmcore.precond import ConsistencyFunction, Denoiser
-from cmcore.reports import plot_loss
+from cmcore.training.distributed import World
 
-METHODS = (*methods.METHODS, "pd")
-
-
-def pick_device(name):
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def network_config(cfg, shape):
-    """The backbone's constructor arguments for data of ``shape`` (N, C, H, W) or (N, d)."""
-    net = cfg["network"]
-    if net["arch"] == "mlp":
-        return {"arch": "mlp", "in_channels": shape[1], "hidden": net["hidden"],
-                "depth": net["depth"]}
-    keys = ("arch", "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout",
-            "label_dim", "num_head_channels", "use_scale_shift_norm", "resblock_updown")
-    return {**{k: net[k] for k in keys if k in net}, "img_resolution": shape[-1],
-            "in_channels": shape[1]}
-
-
-def make_model(net_cfg, kind, diffusion):
-    """A denoiser D or a consistency function f around a fresh backbone."""
-    F = build_network(net_cfg)
-    if kind == "denoiser":
-        return Denoiser(F, diffusion["sigma_data"])
-    return ConsistencyFunction(F, diffusion["sigma_data"], diffusion["sigma_min"])
-
-
-def model_from_checkpoint(ckpt, weights="ema", stage=None):
-    """The network of a checkpoint in eval mode; ``stage`` picks a PD student by step count."""
-    model = make_model(ckpt["net"], ckpt["kind"], ckpt["config"]["diffusion"])
-    state = ckpt["stages"][str(stage)] if stage is not None else ckpt[weights]
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+METHODS = (*registry.METHODS, "pd")
 
 
 def _optimizer(model, opt):
-    """Adam or RAdam over the model's parameters, fused as ``opt['fused']`` says (cmcore.fast)."""
+    """Adam or RAdam over the model's parameters, fused as ``opt['fused']`` says
+    (cmcore.training.fast)."""
     params = list(model.parameters())
     return fast.optimizer(params, opt, params[0].device if params else "cpu")
 
@@ -158,9 +125,9 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     step in which a stop signal arrived (then raises Preempted); ``start``, such a saved state,
     is where the loop continues. A non-finite loss raises FloatingPointError at the next log
     row or save, before either is written, so the resume file keeps the last good state.
-    ``world`` (cmcore.distributed.World): loss_fn runs with per-example draws made at the
+    ``world`` (cmcore.training.distributed.World): loss_fn runs with per-example draws made at the
     global batch ``opt['batch']``; logged losses are global means; a stop signal stops all.
-    ``opt``'s precision, tf32, fused and compile: cmcore.fast (module docstring).
+    ``opt``'s precision, tf32, fused and compile: cmcore.training.fast (module docstring).
     """
     world = world or World()
     optimizer = _optimizer(model, opt)
@@ -278,7 +245,7 @@ def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
     diff = cfg["diffusion"]
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
-    if method in methods.NEEDS_TEACHER:
+    if method in registry.NEEDS_TEACHER:
         teacher = model_from_checkpoint(load_checkpoint(teacher_path)).to(device)
     section = _section(method)
     identity = run_identity(cfg, method, section, data,
@@ -317,15 +284,13 @@ def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
         if world.is_main:
             save_checkpoint(out_path, payload)
             resume.remove()
-            if log.rows:  # loss.png beside train_log.csv
-                plot_loss(log.rows, os.path.join(os.path.dirname(log.path), "loss.png"))
     return payload
 
 
 def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start,
                   world):
-    """Every method but PD: one run of ``fit`` on the method's loss (cmcore.methods)."""
-    spec = methods.METHODS[method]
+    """Every method but PD: one run of ``fit`` on the method's loss (cmcore.methods.registry)."""
+    spec = registry.METHODS[method]
     model = make_model(net_cfg, spec.kind, cfg["diffusion"]).to(device)
     opt = cfg[_section(method)]
     if method == "untrained":

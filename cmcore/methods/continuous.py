@@ -26,9 +26,9 @@ import torch
 from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cmcore.distances import l1, l2
-from cmcore.precond import _per_sample
-from cmcore.solvers import drift
+from cmcore.diffusion.precond import _per_sample
+from cmcore.diffusion.solvers import drift
+from cmcore.methods.distances import l1, l2
 
 
 def karras_warp(u, eps=0.002, T=80.0, rho=7.0):

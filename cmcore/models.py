@@ -1,0 +1,47 @@
+"""A model from a config or a checkpoint: the backbone F_theta of ``cmcore.networks`` wrapped
+into a denoiser D (EDM preconditioning) or a consistency function f (``cmcore.diffusion.precond``).
+
+Training builds fresh models here; sampling, tau search, the ablations, conversion and the CLI
+rebuild trained ones from checkpoints (plain state dicts plus the network's constructor
+arguments) without importing the training loop.
+"""
+
+import torch
+
+from cmcore.diffusion.precond import ConsistencyFunction, Denoiser
+from cmcore.networks import build_network
+
+
+def pick_device(name):
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def network_config(cfg, shape):
+    """The backbone's constructor arguments for data of ``shape`` (N, C, H, W) or (N, d)."""
+    net = cfg["network"]
+    if net["arch"] == "mlp":
+        return {"arch": "mlp", "in_channels": shape[1], "hidden": net["hidden"],
+                "depth": net["depth"]}
+    keys = ("arch", "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout",
+            "label_dim", "num_head_channels", "use_scale_shift_norm", "resblock_updown")
+    return {**{k: net[k] for k in keys if k in net}, "img_resolution": shape[-1],
+            "in_channels": shape[1]}
+
+
+def make_model(net_cfg, kind, diffusion):
+    """A denoiser D or a consistency function f around a fresh backbone."""
+    F = build_network(net_cfg)
+    if kind == "denoiser":
+        return Denoiser(F, diffusion["sigma_data"])
+    return ConsistencyFunction(F, diffusion["sigma_data"], diffusion["sigma_min"])
+
+
+def model_from_checkpoint(ckpt, weights="ema", stage=None):
+    """The network of a checkpoint in eval mode; ``stage`` picks a PD student by step count."""
+    model = make_model(ckpt["net"], ckpt["kind"], ckpt["config"]["diffusion"])
+    state = ckpt["stages"][str(stage)] if stage is not None else ckpt[weights]
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
