@@ -12,14 +12,15 @@ import sys
 import numpy as np
 
 from cmcore import config as config_mod
+from cmcore import dag
 from cmcore.data import DataError
 from cmcore.training.checkpoints import CheckpointError
-from cmcore.training.loop import METHODS
 
 
 def _prepare_data(args, cfg):
     from cmcore.data import load_dataset, save_prepared
 
+    cfg = dag.settings(cfg, "prepare-data")
     if args.dry_run:
         return f"would load data set {cfg['dataset']['name']!r} and write {args.out}"
     x, labels = load_dataset(cfg["dataset"], cfg["seed"])
@@ -31,6 +32,7 @@ def _train_classifier(args, cfg):
     from cmcore.data import load_prepared
     from cmcore.evaluation.classifier import save_classifier, train_classifier
 
+    cfg = dag.settings(cfg, "train-classifier")
     images, labels = load_prepared(args.data)
     if args.dry_run:
         return f"would train the evaluation classifier on {len(labels)} images -> {args.out}"
@@ -42,92 +44,115 @@ def _train_classifier(args, cfg):
     return f"wrote {args.out}: held-out accuracy {metrics['holdout_accuracy']:.4f}"
 
 
+def _beside(path, name):
+    return os.path.join(os.path.dirname(path) or ".", name)
+
+
+def _check_teacher(args, method, what):
+    """Fail before any work when a method that starts from the teacher has no good one."""
+    from cmcore.training.checkpoints import load_checkpoint
+
+    if method in dag.NEEDS_TEACHER:
+        if not args.teacher:
+            raise CheckpointError(f"--teacher is required for {what}")
+        load_checkpoint(args.teacher)
+
+
 def _train(args, cfg):
     from cmcore.evaluation.reports import plot_train_log
-    from cmcore.methods.registry import NEEDS_TEACHER
-    from cmcore.training.checkpoints import load_checkpoint
     from cmcore.training.distributed import World
     from cmcore.training.loop import train
 
-    if args.method in NEEDS_TEACHER:
-        if not args.teacher:
-            raise CheckpointError(f"--teacher is required for method {args.method}")
-        load_checkpoint(args.teacher)  # fail before any work on a bad teacher
+    pretrained = cfg["teacher"]["pretrained"] if args.method == "teacher" else None
+    section = dag.section(args.method)
+    ckpt_every = cfg[section]["ckpt_every"] if section in cfg else 0
+    cfg = dag.settings(cfg, "train", method=args.method)
+    _check_teacher(args, args.method, f"method {args.method}")
     if not os.path.isfile(args.data):
         raise DataError(f"prepared data {args.data} is missing; run `cm prepare-data` first")
-    pretrained = cfg["teacher"]["pretrained"] if args.method == "teacher" else None
+    pretrained = args.teacher if args.method == "teacher" and args.teacher else pretrained
+    log_path = args.train_log or _beside(args.out, "train_log.csv")
+    loss_plot = args.loss_plot or _beside(args.out, "loss.png")
     if args.dry_run:
         return f"would {'adopt ' + pretrained if pretrained else 'train'} {args.method} -> " \
             f"{args.out}"
     if pretrained:
         from cmcore.convert import adopt_teacher
 
-        adopt_teacher(cfg, args.data, args.out, pretrained)
+        adopt_teacher(cfg, args.data, args.out, pretrained, log_path, loss_plot)
         return f"wrote {args.out}: the pretrained teacher {pretrained}"
-    ckpt = train(cfg, args.method, args.data, args.out, args.teacher)
-    if ckpt["train_iters"] and World.from_env().is_main:  # rank 0 wrote train_log.csv
-        plot_train_log(os.path.dirname(args.out) or ".")  # loss.png beside it
+    untrained = args.method == "untrained"
+    train(cfg, args.method, args.data, args.out, args.teacher,
+          log_path=None if untrained else log_path, ckpt_every=ckpt_every)
+    if not untrained and World.from_env().is_main:  # rank 0 wrote the log
+        plot_train_log(log_path, loss_plot)
     return f"wrote {args.out}"
 
 
 def _sample(args, cfg):
     from cmcore.evaluation.reports import save_grid
+    from cmcore.models import pick_device
     from cmcore.sampling.samplers import sample_checkpoint
     from cmcore.training.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
+    cfg = dag.settings(cfg, "sample", method=ckpt["method"], steps=args.steps)
+    smp = cfg["sampling"]
     if args.dry_run:
-        n = cfg["sampling"]["num_samples"]
-        return f"would draw {n} {args.steps}-step samples -> {args.out}"
-    taus = None
+        return f"would draw {smp['num_samples']} {args.steps}-step samples -> {args.out}"
+    taus, source = smp.get("tau", {}).get(str(args.steps), []), "sampling.tau of the config"
     if args.taus:  # searched taus of this model (cm search-tau): the first steps - 1
         with open(args.taus) as f:
-            taus = json.load(f)["taus"][:args.steps - 1]
-    images, meta = sample_checkpoint(ckpt, cfg, args.steps, taus)
-    meta["tau_source"] = args.taus or "sampling.tau of the config"
+            taus, source = json.load(f)["taus"][:args.steps - 1], args.taus
+    images, meta = sample_checkpoint(ckpt, args.steps, smp["num_samples"], smp["batch"],
+                                     cfg["seed"], pick_device(cfg["device"]), taus)
+    meta["tau_source"] = source if meta["taus"] else "-"
     np.savez(args.out, arr_0=images)
     meta.update(checkpoint=args.checkpoint, code_version=config_mod.code_version())
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with open(args.meta or os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(meta, f, indent=1)
     if args.grid:
         save_grid(images[:100], args.grid)
     return f"wrote {args.out}: {images.shape[0]} samples, NFE {meta['nfe']}"
 
 
-def _extractor_weights(args, cfg):
-    """The feature extractor's weights file: --classifier or evaluation.inception_weights."""
+def _metrics_of(args, cfg, reference_path):
+    """(metrics(images) -> torch-fidelity's dict, extractor weights) against the reference."""
+    from cmcore.data import load_prepared
+    from cmcore.evaluation.metrics import compute_metrics
+    from cmcore.models import pick_device
+
     ev = cfg["evaluation"]
     weights = args.classifier if ev["feature_extractor"] == "classifier" else \
         ev["inception_weights"]
     if not weights or not os.path.isfile(weights):
         raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings)")
-    return weights
+    reference, _ = load_prepared(reference_path)
+
+    def metrics(images):
+        return compute_metrics(images, reference, extractor=ev["feature_extractor"],
+                               weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
+                               device=pick_device(cfg["device"]))
+    return metrics, weights
 
 
 def _evaluate(args, cfg):
-    from cmcore.data import load_prepared
-    from cmcore.evaluation.metrics import compute_metrics
-
-    ev = cfg["evaluation"]
-    weights = _extractor_weights(args, cfg)
-    reference, _ = load_prepared(args.reference)
+    cfg = dag.settings(cfg, "evaluate")
+    metrics_of, weights = _metrics_of(args, cfg, args.reference)
     with np.load(args.samples) as f:
         samples = f["arr_0"]
     if args.dry_run:
-        return f"would evaluate {samples.shape[0]} samples against {reference.shape[0]} images"
-    from cmcore.models import pick_device
-
-    metrics = compute_metrics(samples, reference, extractor=ev["feature_extractor"],
-                              weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
-                              device=pick_device(cfg["device"]))
-    with open(os.path.splitext(args.samples)[0] + ".json") as f:
+        return f"would evaluate {samples.shape[0]} samples -> {args.out}"
+    metrics = metrics_of(samples)
+    with open(args.meta or os.path.splitext(args.samples)[0] + ".json") as f:
         meta = json.load(f)
-    if ev["feature_extractor"] == "classifier":
+    if cfg["evaluation"]["feature_extractor"] == "classifier":
         from cmcore.evaluation.classifier import load_classifier
 
         metrics["extractor_accuracy"] = load_classifier(weights)[1].get("holdout_accuracy")
-    record = {**meta, **metrics, "dataset": cfg["dataset"]["name"],
-              "reference_set": f"{cfg['dataset']['name']} training set ({args.reference})"}
+    name = cfg["dataset"]["name"]
+    record = {**meta, **metrics, "dataset": name,
+              "reference_set": f"{name} training set ({args.reference})"}
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     return f"wrote {args.out}: FID {metrics['fid']:.3f}"
@@ -138,17 +163,22 @@ def _table(args, cfg):
 
     if args.dry_run:
         return f"would gather {len(args.metrics)} metric files into {args.out}"
-    df = write_table(args.metrics, args.out)
+    stem = os.path.splitext(args.out)[0]
+    df = write_table(args.metrics, args.out, args.md or f"{stem}.md", args.html or f"{stem}.html",
+                     args.paper_md, args.paper_html or (args.paper_md and
+                                                        os.path.splitext(args.paper_md)[0] +
+                                                        ".html"))
     return f"wrote {args.out} with {len(df)} rows"
 
 
 def _theorem1(args, cfg):
     from cmcore.experiments.theorem import run_theorem1
 
+    cfg = dag.settings(cfg, "theorem1")
     s = {k: v for k, v in cfg["theorem1"].items() if k != "enabled"}
     d = cfg["diffusion"]
     s.update(eps=d["sigma_min"], T=d["sigma_max"], rho=d["rho"], seed=cfg["seed"],
-             threads=cfg["threads"])
+             threads=args.threads)
     if args.dry_run:
         return f"would measure Theorem 1 for {s['solvers']} into {args.out}/"
     summary = run_theorem1(s, args.out)
@@ -161,26 +191,32 @@ def _figure4(args, cfg):
 
     if args.dry_run:
         return f"would plot FID against steps from {len(args.metrics)} files into {args.plot}"
-    write_steps_figure(args.metrics, args.out, args.plot)
+    stem = os.path.splitext(args.out)[0]
+    write_steps_figure(args.metrics, args.out, args.md or f"{stem}.md",
+                       args.html or f"{stem}.html", args.plot)
     return f"wrote {args.out} and {args.plot}"
 
 
 def _search_tau(args, cfg):
-    from cmcore.data import load_prepared
+    from cmcore.models import pick_device
     from cmcore.sampling.tau_search import search_checkpoint_taus
     from cmcore.training.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
-    weights = _extractor_weights(args, cfg)
-    reference, _ = load_prepared(args.data)
+    cfg = dag.settings(cfg, "search-tau", method=ckpt["method"])
+    metrics_of, _ = _metrics_of(args, cfg, args.data)
     if ckpt["kind"] != "consistency":
         raise ValueError(f"{args.checkpoint} holds a {ckpt['method']} model; taus are searched "
                          "for consistency models only")
     if args.dry_run:
         return f"would search the taus of {args.checkpoint} -> {args.out}"
-    taus, trace = search_checkpoint_taus(ckpt, cfg, reference, weights)
+    smp, ts = cfg["sampling"], cfg["sampling"]["tau_search"]
+    n_taus = max(set(smp["steps"]) | set(smp["curve_steps"])) - 1
+    taus, trace = search_checkpoint_taus(
+        ckpt, n_taus, lambda images: metrics_of(images)["fid"], num_samples=ts["num_samples"],
+        batch=smp["batch"], seed=ts["seed"], device=pick_device(cfg["device"]), iters=ts["iters"])
     record = {"taus": taus, "method": ckpt["method"], "checkpoint": args.checkpoint,
-              "search": cfg["sampling"]["tau_search"], "score": "FID",
+              "search": ts, "score": "FID",
               "trace": [{"taus": list(t), "fid": v} for t, v in trace],
               "code_version": config_mod.code_version()}
     with open(args.out, "w") as f:
@@ -195,6 +231,7 @@ def _edit(args, cfg):
     from cmcore.models import model_from_checkpoint
     from cmcore.training.checkpoints import load_checkpoint
 
+    cfg = dag.settings(cfg, "edit")
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt["kind"] != "consistency":
         raise ValueError(f"{args.checkpoint} holds a {ckpt['method']} model; editing needs a "
@@ -213,23 +250,24 @@ def _edit(args, cfg):
 def _ablate(args, cfg):
     import pandas as pd
 
-    from cmcore.data import load_prepared
-    from cmcore.experiments.ablations import run_config, score_snapshots
-    from cmcore.training.checkpoints import load_checkpoint
+    from cmcore.experiments.ablations import score_snapshots
+    from cmcore.models import pick_device
     from cmcore.training.loop import train
 
-    method, run_cfg = run_config(cfg, args.run, cfg["seed"])
-    weights = _extractor_weights(args, cfg)
-    if method == "cd":
-        if not args.teacher:
-            raise CheckpointError(f"--teacher is required for the CD run {args.run}")
-        load_checkpoint(args.teacher)  # fail before any work on a bad teacher
-    reference, _ = load_prepared(args.data)
-    checkpoint = os.path.join(os.path.dirname(args.out) or ".", "checkpoint.pt")
+    method, _ = dag.parse_run(args.run)
+    ckpt_every = cfg[method]["ckpt_every"]
+    cfg = dag.settings(cfg, "ablate", run=args.run, seed=cfg["seed"])
+    metrics_of, _ = _metrics_of(args, cfg, args.data)
+    _check_teacher(args, method, f"the CD run {args.run}")
+    checkpoint = args.checkpoint or _beside(args.out, "checkpoint.pt")
     if args.dry_run:
         return f"would train {args.run} (seed {cfg['seed']}) -> {checkpoint} and score it"
-    ckpt = train(run_cfg, method, args.data, checkpoint, args.teacher)
-    rows = score_snapshots(ckpt, run_cfg, reference, weights)
+    ckpt = train(cfg, method, args.data, checkpoint, args.teacher,
+                 log_path=args.train_log or _beside(args.out, "train_log.csv"),
+                 ckpt_every=ckpt_every)
+    rows = score_snapshots(ckpt, metrics_of, num_samples=cfg["ablations"]["num_samples"],
+                           batch=cfg["sampling"]["batch"], seed=cfg["seed"],
+                           device=pick_device(cfg["device"]))
     df = pd.DataFrame(rows).assign(run=args.run, method=method, seed=cfg["seed"],
                                    feature_extractor=cfg["evaluation"]["feature_extractor"],
                                    code_version=config_mod.code_version())
@@ -241,6 +279,7 @@ def _ablate(args, cfg):
 def _ablation_report(args, cfg):
     from cmcore.experiments.ablations import write_reports
 
+    cfg = dag.settings(cfg, "ablation-report")
     if args.dry_run:
         return f"would summarise {len(args.scores)} runs into {args.out}/ and {args.plots}/"
     written = write_reports(args.scores, cfg, args.out, args.plots)
@@ -309,14 +348,21 @@ def build_parser():
     p = add("train-classifier", _train_classifier, "train the evaluation feature extractor")
     p.add_argument("--data", required=True)
     p = add("train", _train, "train the teacher, CD, CT, PD or the untrained baseline")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=dag.METHODS)
     p.add_argument("--data", required=True)
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (cd, pd)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher checkpoint (cd, pd, ect, cd_cont); for --method teacher: a "
+                   "converted teacher to adopt (default: teacher.pretrained)")
+    p.add_argument("--train-log", default=None, help="CSV log (default: beside --out)")
+    p.add_argument("--loss-plot", default=None, help="PNG loss curve (default: beside --out)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="processes of a data-parallel run under torchrun when > 1")
     p = add("sample", _sample, "draw samples from a checkpoint (npz arr_0 uint8 NHWC)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--steps", type=int, required=True, help="sampling steps")
     p.add_argument("--grid", default=None, help="also write a PNG grid of 100 samples")
     p.add_argument("--taus", default=None, help="JSON of cm search-tau (default: sampling.tau)")
+    p.add_argument("--meta", default=None, help="JSON sidecar (default: --out with .json)")
     p = add("edit", _edit, "zero-shot editing of data-set images: one PNG grid per task")
     p.add_argument("--checkpoint", required=True, help="a consistency model")
     p.add_argument("--data", required=True, help="prepared data set (npz)")
@@ -327,18 +373,27 @@ def build_parser():
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p = add("evaluate", _evaluate, "FID, IS, precision and recall through torch-fidelity")
     p.add_argument("--samples", required=True)
+    p.add_argument("--meta", default=None, help="sidecar of cm sample (default: beside)")
     p.add_argument("--reference", required=True, help="prepared data set (npz)")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
-    p = add("table", _table, "gather metric JSON files into CSV and Markdown tables")
+    p = add("table", _table, "gather metric JSON files into CSV, Markdown and HTML tables")
     p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
+    p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
+    p.add_argument("--paper-md", default=None, help="also ours beside the paper's (Markdown)")
+    p.add_argument("--paper-html", default=None, help="... and as HTML")
     p = add("figure4", _figure4, "FID against sampling steps: CSV and Markdown tables, a plot")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--plot", required=True, help="PNG of FID against steps")
+    p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
+    p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
     p = add("ablate", _ablate, "train one Fig. 3 ablation run and score its EMA snapshots (CSV)")
     p.add_argument("--run", required=True, help="e.g. cd-heun-N18-l2, ct-adaptive")
     p.add_argument("--data", required=True, help="prepared data set (npz)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (CD runs)")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
+    p.add_argument("--checkpoint", default=None, help="the run's checkpoint (default: beside)")
+    p.add_argument("--train-log", default=None, help="the run's CSV log (default: beside)")
     p = add("ablation-report", _ablation_report, "Fig. 3 tables (--out: folder) and plots")
     p.add_argument("--scores", nargs="+", required=True, help="CSV files of cm ablate")
     p.add_argument("--plots", required=True, help="folder of the PNG figures")
@@ -369,17 +424,25 @@ def build_parser():
     return parser
 
 
+def torchrun_command(argv, nproc):
+    """The command that reruns ``cm argv`` as ``nproc`` data-parallel processes (torchrun)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "cmcore", *argv]
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "gpus", 1) > 1 and "LOCAL_RANK" not in os.environ and not args.dry_run:
+        os.execv(sys.executable, torchrun_command(argv, args.gpus))  # DDP: cmcore.training
     try:
         cfg = config_mod.load(args.config)
         if args.seed is not None:
             cfg["seed"] = args.seed
-        if args.threads is not None:
-            cfg["threads"] = args.threads
+        args.threads = args.threads or cfg["threads"]
         import torch
 
-        torch.set_num_threads(cfg["threads"])
+        torch.set_num_threads(args.threads)
         message = args.func(args, cfg)
     except (config_mod.ConfigError, DataError, CheckpointError, FileNotFoundError,
             FloatingPointError, ValueError) as e:

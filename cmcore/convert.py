@@ -247,9 +247,10 @@ def edm_teacher(path, edm_code, allow_pickle, cfg):
     return teacher_payload(net_cfg, state, cfg, source)
 
 
-def adopt_teacher(cfg, data_path, out_path, source):
+def adopt_teacher(cfg, data_path, out_path, source, log_path, loss_plot):
     """Make a converted teacher (``cm convert``) this run's teacher: check that it is a denoiser
-    with the config's network, then write it to ``out_path`` with a loss.png that says so."""
+    with the config's network, then write it to ``out_path``, an empty training log and a loss
+    plot that says so."""
     from cmcore.data import load_prepared, to_model_space
     from cmcore.evaluation.reports import plot_note
     from cmcore.models import network_config
@@ -263,5 +264,6 @@ def adopt_teacher(cfg, data_path, out_path, source):
             f"{ckpt.get('net')}; this config's teacher is a denoiser with {expected}")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     save_checkpoint(out_path, {**ckpt, "pretrained_from": source})
-    plot_note(os.path.join(os.path.dirname(out_path) or ".", "loss.png"),
-              f"pretrained teacher from {os.path.basename(source)}: not trained here")
+    with open(log_path, "w") as f:
+        f.write("stage,step,loss\n")  # no training step was taken here
+    plot_note(loss_plot, f"pretrained teacher from {os.path.basename(source)}: not trained here")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY
 
+from cmcore import dag
 from cmcore.config import validate
 from cmcore.data import load_dataset, save_prepared
 from cmcore.experiments import ablations
@@ -34,30 +35,30 @@ def test_panels_name_each_run_once_and_share_the_common_one():
     cfg = validate({**copy.deepcopy(TINY), "ablations": {
         "distances": ["l1", "l2", "lpips"], "solvers": ["euler", "heun"], "solver_N": [4, 6],
         "heun_N": [4, 6, 9], "ct_fixed": [{"N": 41, "mu": 0.99}]}})
-    p = ablations.panels(cfg)
+    p = dag.panels(cfg)
     assert [r for r, _, _ in p["a"]] == ["cd-heun-N6-l1", "cd-heun-N6-l2", "cd-heun-N6-lpips"]
     assert [r for r, _, _ in p["b"]] == ["cd-euler-N4-l2", "cd-euler-N6-l2", "cd-heun-N4-l2",
                                          "cd-heun-N6-l2"]
     assert [r for r, _, _ in p["d"]] == ["ct-adaptive", "ct-fixed-N41-mu0.99"]
     # cd-heun-N6-l2 sits in (a), (b) and (c) but is one run: 3 + 3 + 1 + 2 distinct runs.
-    assert len(ablations.runs(cfg)) == 9
+    assert len(dag.runs(cfg)) == 9
 
 
 def test_run_config_changes_only_the_named_settings():
     cfg = validate({**copy.deepcopy(TINY), "ablations": {"cd": {"iters": 50, "batch": 8},
                                                           "ct": {"snapshot_every": 5}}})
-    method, out = ablations.run_config(cfg, "cd-euler-N12-pseudo_huber", 7)
+    method, out = dag.run_config(cfg, "cd-euler-N12-pseudo_huber", 7)
     assert method == "cd" and out["seed"] == 7
     changed = {k: v for k, v in out["cd"].items() if cfg["cd"][k] != v}
     assert changed == {"solver": "euler", "N": 12, "distance": "pseudo_huber", "iters": 50,
                        "batch": 8}
     assert {k: v for k, v in out.items() if k not in ("cd", "seed")} == \
         {k: v for k, v in cfg.items() if k not in ("cd", "seed")}
-    method, out = ablations.run_config(cfg, "ct-fixed-N41-mu0.99", 0)
+    method, out = dag.run_config(cfg, "ct-fixed-N41-mu0.99", 0)
     assert (out["ct"]["curriculum"], out["ct"]["N"], out["ct"]["mu"]) == ("fixed", 41, 0.99)
     assert out["ct"]["snapshot_every"] == 5 and out["ct"]["iters"] == cfg["ct"]["iters"]
     with pytest.raises(ValueError, match="not an ablation run"):
-        ablations.parse_run("cd-rk4-N18-l2")
+        dag.parse_run("cd-rk4-N18-l2")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +127,8 @@ def test_summary_is_the_mean_and_sample_std_over_seeds(tmp_path):
 def test_ict_curve_runs_on_the_ct_budget_but_keeps_its_own_s1():
     cfg = validate({**copy.deepcopy(TINY), "ict": {"iters": 9, "batch": 4, "lr": 0.1, "s1": 80},
                     "ablations": {"ict": True, "ct": {"iters": 50, "lr": 0.001, "s1": 10}}})
-    assert ablations.panels(cfg)["d"][-1] == ("ict", "iCT (2023)", None)
-    method, out = ablations.run_config(cfg, "ict", 3)
+    assert dag.panels(cfg)["d"][-1] == ("ict", "iCT (2023)", None)
+    method, out = dag.run_config(cfg, "ict", 3)
     assert method == "ict" and (out["ict"]["iters"], out["ict"]["lr"]) == (50, 0.001)
     assert out["ict"]["s1"] == 80 and out["ict"]["batch"] == 4 and out["seed"] == 3
     with pytest.raises(Exception, match="an iCT curve needs an ict section"):

@@ -106,32 +106,36 @@ def html_page(md, title):
             "</body></html>\n")
 
 
-def write_markdown(md, path, title):
-    """``path`` (.md) and the same content as HTML beside it (.html)."""
-    with open(path, "w") as f:
+def write_markdown(md, md_path, html_path, title):
+    """The Markdown table ``md`` at ``md_path`` and the same content as HTML at ``html_path``."""
+    with open(md_path, "w") as f:
         f.write(md)
-    with open(os.path.splitext(path)[0] + ".html", "w") as f:
+    with open(html_path, "w") as f:
         f.write(html_page(md, title))
 
 
-def _write(df, out_csv, md, title):
-    tmp = f"{out_csv}.tmp"
+def _write_csv(df, path):
+    tmp = f"{path}.tmp"
     df.to_csv(tmp, index=False)
-    os.replace(tmp, out_csv)
-    write_markdown(md, os.path.splitext(out_csv)[0] + ".md", title)
+    os.replace(tmp, path)
 
 
-def write_table(paths, out_csv):
-    """Write ``out_csv``, the Markdown table beside it and the paper comparison (_paper.md)."""
+def write_table(paths, csv_path, md_path, html_path, paper_md=None, paper_html=None):
+    """Table 1 of the metric files ``paths``: CSV, Markdown and HTML, and, when ``paper_md`` /
+    ``paper_html`` are given, our rows beside the paper's CIFAR-10 numbers."""
     df = gather(paths)
-    _write(df, out_csv, markdown(df), "Table 1 (" + os.path.basename(out_csv) + ")")
-    write_markdown(markdown_paper(df), os.path.splitext(out_csv)[0] + "_paper.md",
-                   "Ours beside the paper's CIFAR-10 Table 1 (not comparable values)")
+    _write_csv(df, csv_path)
+    write_markdown(markdown(df), md_path, html_path,
+                   f"Table 1 ({os.path.basename(csv_path)})")
+    if paper_md:
+        write_markdown(markdown_paper(df), paper_md, paper_html,
+                       "Ours beside the paper's CIFAR-10 Table 1 (not comparable values)")
     return df
 
 
-def write_steps_figure(paths, out_csv, out_png):
-    """Fig. 4 counterpart: FID against the number of sampling steps per method (CSV, MD, PNG)."""
+def write_steps_figure(paths, csv_path, md_path, html_path, png_path):
+    """Fig. 4 counterpart: FID against the number of sampling steps per method (CSV, Markdown,
+    HTML, PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,8 +145,9 @@ def write_steps_figure(paths, out_csv, out_png):
     df = gather(paths)
     view = df.assign(method=df["method"].map(LABELS))
     view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall", "taus"]]
-    _write(df, out_csv, view.to_markdown(index=False, floatfmt=".3f") + "\n",
-           "FID against sampling steps (Fig. 4)")
+    _write_csv(df, csv_path)
+    write_markdown(view.to_markdown(index=False, floatfmt=".3f") + "\n", md_path, html_path,
+                   "FID against sampling steps (Fig. 4)")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     sns.lineplot(data=df.assign(method=df["method"].map(LABELS)), x="steps", y="fid",
                  hue="method", marker="o", ax=ax)
@@ -150,7 +155,7 @@ def write_steps_figure(paths, out_csv, out_png):
            title=f"FID vs sampling steps ({df['dataset'].iloc[0]})")
     ax.set_xticks(sorted(df["steps"].unique()), [str(s) for s in sorted(df["steps"].unique())])
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return df
 
@@ -191,13 +196,13 @@ def plot_loss(rows, path):
     plt.close(fig)
 
 
-def plot_train_log(folder):
-    """``<folder>/loss.png`` from ``<folder>/train_log.csv`` (the training loop's log beside its
-    checkpoint), drawn by ``plot_loss``; the caller of the loop draws it after training."""
-    with open(os.path.join(folder, "train_log.csv"), newline="") as f:
+def plot_train_log(log_path, png_path):
+    """The loss curve ``png_path`` of the training log ``log_path`` (CSV rows of the training
+    loop), drawn by ``plot_loss``; the caller of the loop draws it after training."""
+    with open(log_path, newline="") as f:
         rows = [{"stage": r["stage"], "step": int(r["step"]), "loss": float(r["loss"])}
                 for r in csv.DictReader(f)]  # the values fit wrote: float(repr(x)) == x
-    plot_loss(rows, os.path.join(folder, "loss.png"))
+    plot_loss(rows, png_path)
 
 
 def plot_note(path, text):

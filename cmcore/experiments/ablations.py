@@ -1,111 +1,29 @@
-"""The paper's Fig. 3 ablations at small scale: runs, their configs, FID at EMA snapshots, and
-tables and figures over seeds.
+"""The paper's Fig. 3 ablations at small scale: FID at the EMA snapshots of one run, and the
+panels' tables and figures over seeds. The runs, their names and configs are cmcore.dag's.
 
-A run is one training configuration, named canonically so runs shared by several panels are
-trained once per seed:
-
-    cd-{solver}-N{N}-{distance}   consistency distillation (Fig. 3a-c)
-    ct-adaptive                   consistency training with the N(k), mu(k) curriculum (Fig. 3d)
-    ct-fixed-N{N}-mu{mu}          consistency training with constant N and mu (Fig. 3d baseline)
-    ict                           improved CT (cmcore.methods.ict) beside them, when
-                                  ablations.ict is on
-
-Panels: (a) CD distance at cd.solver and cd.N, FID against iterations; (b) Euler vs Heun over N;
-(c) Heun over N; (d) adaptive vs fixed CT, FID against iterations. Each run differs from the
-config's cd / ct section in its named settings only, with the budget of ``ablations.cd`` /
-``ablations.ct`` (iterations, batch, snapshot interval). A snapshot is the evaluation EMA at that
-iteration, scored by the FID of ``ablations.num_samples`` one-step samples.
+A snapshot is the evaluation EMA at an iteration, scored by the FID of ``ablations.num_samples``
+one-step samples. Panels: (a) CD distance at cd.solver and cd.N, FID against iterations; (b)
+Euler vs Heun over N; (c) Heun over N; (d) adaptive vs fixed CT, FID against iterations.
 """
-
-import copy
-import re
 
 import numpy as np
 import pandas as pd
 
+from cmcore.dag import PANELS, panels
 from cmcore.evaluation.reports import write_markdown
 
-PANELS = {
-    "a": "Fig. 3a: CD, distance metric",
-    "b": "Fig. 3b: CD, Euler vs Heun over N",
-    "c": "Fig. 3c: CD with Heun over N",
-    "d": "Fig. 3d: CT, adaptive vs fixed N and mu",
-}
-_CD = re.compile(r"cd-(euler|heun)-N(\d+)-(l1|l2|pseudo_huber|lpips)$")
-_CT_FIXED = re.compile(r"ct-fixed-N(\d+)-mu([0-9.]+)$")
 
-
-def cd_run(solver, N, distance):
-    return f"cd-{solver}-N{N}-{distance}"
-
-
-def ct_run(N=None, mu=None):
-    return "ct-adaptive" if N is None else f"ct-fixed-N{N}-mu{mu:g}"
-
-
-def panels(cfg):
-    """{panel: [(run, variant label, N or None)]} of the enabled ablations."""
-    ab, cd = cfg["ablations"], cfg["cd"]
-    return {
-        "a": [(cd_run(cd["solver"], cd["N"], d), d, cd["N"]) for d in ab["distances"]],
-        "b": [(cd_run(s, n, cd["distance"]), s, n) for s in ab["solvers"] for n in ab["solver_N"]],
-        "c": [(cd_run("heun", n, cd["distance"]), "heun", n) for n in ab["heun_N"]],
-        "d": [(ct_run(), "adaptive", None)]
-        + [(ct_run(f["N"], f["mu"]), f"fixed N={f['N']}, mu={f['mu']:g}", f["N"])
-           for f in ab["ct_fixed"]]
-        + ([("ict", "iCT (2023)", None)] if ab["ict"] else []),
-    }
-
-
-def runs(cfg):
-    """The distinct runs of every panel, in a stable order."""
-    return sorted({run for rows in panels(cfg).values() for run, _, _ in rows})
-
-
-def parse_run(run):
-    """(method, {setting: value}) that a run name stands for; ValueError if it is not one."""
-    if m := _CD.match(run):
-        return "cd", {"solver": m[1], "N": int(m[2]), "distance": m[3]}
-    if run == "ct-adaptive":
-        return "ct", {"curriculum": "adaptive"}
-    if m := _CT_FIXED.match(run):
-        return "ct", {"curriculum": "fixed", "N": int(m[1]), "mu": float(m[2])}
-    if run == "ict":
-        return "ict", {}
-    raise ValueError(f"{run!r} is not an ablation run; expected cd-SOLVER-N<int>-DISTANCE, "
-                     "ct-adaptive or ct-fixed-N<int>-mu<float>")
-
-
-def run_config(cfg, run, seed):
-    """The config of one ablation run: the method's section with the run's settings and the
-    ablation budget, and ``seed``; (method, config)."""
-    method, settings = parse_run(run)
-    out = copy.deepcopy(cfg)
-    # iCT runs on CT's budget; s1 means its own curriculum's end there, so it is not copied.
-    budget = {k: v for k, v in cfg["ablations"]["ct" if method == "ict" else method].items()
-              if v is not None and not (method == "ict" and k == "s1")}
-    out[method].update({**budget, **settings})
-    out["seed"] = seed
-    return method, out
-
-
-def score_snapshots(ckpt, cfg, reference, classifier):
-    """FID (and IS, precision, recall) of one-step samples of every EMA snapshot of ``ckpt``,
-    one row per snapshot iteration, the final EMA included."""
-    from cmcore.evaluation.metrics import compute_metrics
-    from cmcore.models import pick_device
+def score_snapshots(ckpt, metrics_of, *, num_samples, batch, seed, device):
+    """``metrics_of(images)`` (FID, IS, precision, recall) of ``num_samples`` one-step samples of
+    every EMA snapshot of ``ckpt``, one row per snapshot iteration, the final EMA included."""
     from cmcore.sampling.samplers import sample_checkpoint, training_distance
 
-    ev = cfg["evaluation"]
-    sample_cfg = copy.deepcopy(cfg)
-    sample_cfg["sampling"]["num_samples"] = cfg["ablations"]["num_samples"]
     snapshots = {**ckpt.get("snapshots", {}), str(ckpt["train_iters"]): ckpt["ema"]}
     rows = []
     for k in sorted(snapshots, key=int):
-        images, _ = sample_checkpoint({**ckpt, "ema": snapshots[k]}, sample_cfg, 1)
-        m = compute_metrics(images, reference, extractor=ev["feature_extractor"],
-                            weights_path=classifier, prc_neighborhood=ev["prc_neighborhood"],
-                            device=pick_device(cfg["device"]))
+        images, _ = sample_checkpoint({**ckpt, "ema": snapshots[k]}, 1, num_samples, batch, seed,
+                                      device)
+        m = metrics_of(images)
         rows.append({"iters": int(k), "fid": m["fid"], "isc": m["isc_mean"],
                      "precision": m["precision"], "recall": m["recall"],
                      "num_samples": m["num_samples"], "distance": training_distance(ckpt)})
@@ -188,7 +106,8 @@ def write_reports(paths, cfg, tables_dir, plots_dir):
         summary = summarize(sub)
         base = f"fig3{panel}"
         summary.to_csv(f"{tables_dir}/{base}.csv", index=False)
-        write_markdown(_markdown(summary, panel, cfg), f"{tables_dir}/{base}.md", PANELS[panel])
+        write_markdown(_markdown(summary, panel, cfg), f"{tables_dir}/{base}.md",
+                       f"{tables_dir}/{base}.html", PANELS[panel])
         _plot(sub, panel, f"{plots_dir}/{base}.png")
         written.append(base)
     return written

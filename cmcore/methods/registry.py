@@ -2,8 +2,9 @@
 
 A method names its model kind (a denoiser D or a consistency function f), whether it starts
 from the teacher's weights, whether it keeps a target network theta^- (updated after each step
-as theta^- <- mu theta^- + (1 - mu) theta), and its loss builder. A builder returns
-loss_fn(k) -> (loss, stats) for cmcore.training.fit; ``stats['mu']`` is the target's decay.
+as theta^- <- mu theta^- + (1 - mu) theta), and its loss builder. A builder takes the method's
+settings ``opt`` and a Context and returns loss_fn(k) -> (loss, stats) for
+cmcore.training.loop.fit; ``stats['mu']`` is the target's decay.
 
     teacher   EDM denoising loss (the teacher of CD and PD)
     cd, ct    the paper's Algorithms 2 and 3
@@ -12,7 +13,8 @@ loss_fn(k) -> (loss, stats) for cmcore.training.fit; ``stats['mu']`` is the targ
     cd_cont   continuous-time CD (N -> infinity, one JVP per step), cmcore.methods.continuous
     ct_cont   continuous-time CT, cmcore.methods.continuous
     untrained the random initialisation of a consistency model (no steps)
-PD is a sequence of fits (cmcore.training._train_pd), not a single loss.
+PD is a sequence of fits (cmcore.training.loop), not a single loss. Which methods start from
+the teacher is cmcore.dag.NEEDS_TEACHER (the DAG reads it without torch).
 """
 
 from dataclasses import dataclass
@@ -27,25 +29,40 @@ class Method:
     kind: str  # "denoiser" or "consistency"
     from_teacher: bool  # initialise the backbone from the teacher's (CD, ECT)
     target: bool  # keep an EMA target network theta^-
-    build: object = None  # (net, target, teacher, opt, batch, grid, distance, cfg) -> loss_fn
+    build: object = None  # (opt, Context) -> loss_fn
 
 
-def _teacher(net, target, teacher, opt, batch, grid, distance, cfg):
-    sd = cfg["diffusion"]["sigma_data"]
-    return lambda k: (objectives.edm_loss(net, batch(opt["batch"]), sd), {})
+@dataclass(frozen=True)
+class Context:
+    """What a loss builder works with: the online network (f_theta or D_theta), the target
+    f_theta^- (None without one), the teacher D_phi (None without one), batch(n) -> n data
+    points, the Karras grid (eps, T, rho), the distance d and sigma_data."""
+
+    net: object
+    target: object
+    teacher: object
+    batch: object
+    grid: dict
+    distance: object
+    sigma_data: float
 
 
-def _cd(net, target, teacher, opt, batch, grid, distance, cfg):
+def _teacher(opt, c):
+    return lambda k: (objectives.edm_loss(c.net, c.batch(opt["batch"]), c.sigma_data), {})
+
+
+def _cd(opt, c):
     solver = get_solver(opt["solver"])
 
     def loss_fn(k):
         loss = objectives.consistency_distillation_loss(
-            net, target, teacher, batch(opt["batch"]), opt["N"], solver, distance, **grid)
+            c.net, c.target, c.teacher, c.batch(opt["batch"]), opt["N"], solver, c.distance,
+            **c.grid)
         return loss, {"N": opt["N"], "mu": opt["target_mu"]}
     return loss_fn
 
 
-def _ct(net, target, teacher, opt, batch, grid, distance, cfg):
+def _ct(opt, c):
     def loss_fn(k):
         if opt["curriculum"] == "fixed":  # the baseline of Fig. 3d: constant N and mu
             N, mu = opt["N"], opt["mu"]
@@ -54,39 +71,40 @@ def _ct(net, target, teacher, opt, batch, grid, distance, cfg):
             mu = schedules.ct_mu(k, opt["iters"], opt["s0"], opt["s1"], opt["mu0"],
                                  opt["schedule_variant"])
         loss = objectives.consistency_training_loss(
-            net, target, batch(opt["batch"]), N, distance, **grid)
+            c.net, c.target, c.batch(opt["batch"]), N, c.distance, **c.grid)
         return loss, {"N": N, "mu": mu}
     return loss_fn
 
 
-def _ict(net, target, teacher, opt, batch, grid, distance, cfg):
+def _ict(opt, c):
     def loss_fn(k):
         # Exponential curriculum N(k); lognormal pair index; 1 / dt weighting; theta^- = theta.
         N = ict.ict_N(k, opt["iters"], opt["s0"], opt["s1"])
-        loss = ict.ict_loss(net, batch(opt["batch"]), N, P_mean=opt["P_mean"],
-                            P_std=opt["P_std"], distance=distance, **grid)
+        loss = ict.ict_loss(c.net, c.batch(opt["batch"]), N, P_mean=opt["P_mean"],
+                            P_std=opt["P_std"], distance=c.distance, **c.grid)
         return loss, {"N": N}
     return loss_fn
 
 
-def _ect(net, target, teacher, opt, batch, grid, distance, cfg):
+def _ect(opt, c):
     d = max(1, round(opt["iters"] / opt["stages"]))  # iterations per halving of t - r
 
     def loss_fn(k):
-        loss = ect.ect_loss(net, batch(opt["batch"]), k, d, q=opt["q"], P_mean=opt["P_mean"],
-                            P_std=opt["P_std"], eps=grid["eps"], T=grid["T"], distance=distance)
+        loss = ect.ect_loss(c.net, c.batch(opt["batch"]), k, d, q=opt["q"],
+                            P_mean=opt["P_mean"], P_std=opt["P_std"], eps=c.grid["eps"],
+                            T=c.grid["T"], distance=c.distance)
         return loss, {"ect_stage": ect.ect_stage(k, d)}
     return loss_fn
 
 
-def _cd_cont(net, target, teacher, opt, batch, grid, distance, cfg):
-    return lambda k: (continuous.continuous_cd_loss(net, teacher, batch(opt["batch"]), distance,
-                                                    **grid), {})
+def _cd_cont(opt, c):
+    return lambda k: (continuous.continuous_cd_loss(c.net, c.teacher, c.batch(opt["batch"]),
+                                                    c.distance, **c.grid), {})
 
 
-def _ct_cont(net, target, teacher, opt, batch, grid, distance, cfg):
-    return lambda k: (continuous.continuous_ct_loss(net, batch(opt["batch"]), distance,
-                                                    **grid), {})
+def _ct_cont(opt, c):
+    return lambda k: (continuous.continuous_ct_loss(c.net, c.batch(opt["batch"]), c.distance,
+                                                    **c.grid), {})
 
 
 METHODS = {
@@ -99,4 +117,3 @@ METHODS = {
     "ct_cont": Method("consistency", False, False, _ct_cont),
     "untrained": Method("consistency", False, False, None),
 }
-NEEDS_TEACHER = ("cd", "pd", "ect", "cd_cont")

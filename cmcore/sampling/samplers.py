@@ -8,15 +8,17 @@ from cmcore.methods.objectives import ddim_step
 
 
 @torch.no_grad()
-def consistency_sample(f, z, taus=(), eps=0.002, T=80.0):
+def consistency_sample(f, z, taus=(), eps=0.002, T=80.0, generator=None):
     """Paper Algorithm 1: x = f(T z, T); for tau_n: x = f(x + sqrt(tau_n^2 - eps^2) xi, tau_n).
 
-    With ``taus`` empty this is one-step generation; NFE = 1 + len(taus).
+    With ``taus`` empty this is one-step generation; NFE = 1 + len(taus). ``generator`` draws
+    the xi (torch's global generator when None).
     """
     x = f(z * T, T)
     for tau in taus:
         # Re-noise to tau_n, then map back to the trajectory's origin.
-        x_hat = x + (tau**2 - eps**2) ** 0.5 * torch.randn_like(x)
+        xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x_hat = x + (tau**2 - eps**2) ** 0.5 * xi
         x = f(x_hat, tau)
     return x
 
@@ -49,56 +51,54 @@ def training_distance(ckpt):
     return name
 
 
-def sample_checkpoint(ckpt, cfg, steps, taus=None):
-    """Draw cfg['sampling']['num_samples'] samples from a checkpoint with ``steps`` steps.
+def sample_checkpoint(ckpt, steps, num_samples, batch, seed, device, taus=()):
+    """Draw ``num_samples`` samples from a checkpoint with ``steps`` steps, ``batch`` at a time,
+    all noise from one generator seeded with ``seed``.
 
     The sampler follows the method: the EDM Heun sampler for the teacher, Algorithm 1 for
-    consistency models with ``taus`` (default: the configured ones; searched ones are passed
-    in), DDIM with the matching stage for PD. Returns (uint8 NHWC images, metadata with the
-    sampler, NFE and taus).
+    consistency models with the ``steps - 1`` intermediate times ``taus``, DDIM with the
+    matching stage for PD. Returns (uint8 NHWC images, metadata with the sampler, NFE and taus).
     """
     from cmcore.data import to_uint8
     from cmcore.diffusion.solvers import edm_sampler, edm_sampler_nfe
-    from cmcore.models import model_from_checkpoint, pick_device
+    from cmcore.models import model_from_checkpoint
 
-    device = pick_device(cfg["device"])
-    method, d, smp = ckpt["method"], ckpt["config"]["diffusion"], cfg["sampling"]
+    method, d = ckpt["method"], ckpt["config"]["diffusion"]
     grid = dict(eps=d["sigma_min"], T=d["sigma_max"])
-    taus, given = [], taus
+    generator = torch.Generator(device).manual_seed(seed)
     if method == "pd":
         if str(steps) not in ckpt["stages"]:
             raise ValueError(f"PD has no {steps}-step student; stages: {sorted(ckpt['stages'])}")
         model = model_from_checkpoint(ckpt, stage=steps).to(device)
-        sampler, nfe = "ddim", steps
+        sampler, nfe, taus = "ddim", steps, []
 
         def run(z):
             return ddim_sample(model, z, steps, rho=d["rho"], **grid)
     elif method == "teacher":
         model = model_from_checkpoint(ckpt).to(device)
-        sampler, nfe = "edm-heun", edm_sampler_nfe(steps)
+        sampler, nfe, taus = "edm-heun", edm_sampler_nfe(steps), []
 
         def run(z):
             return edm_sampler(model, z, steps, rho=d["rho"], **grid)
     else:
         model = model_from_checkpoint(ckpt).to(device)
-        taus = list(given) if given is not None else smp["tau"].get(str(steps), [])
+        taus = list(taus)
         if len(taus) != steps - 1:
-            raise ValueError(f"sampling.tau.{steps}: needs {steps - 1} times, got {len(taus)}")
+            raise ValueError(f"{steps}-step sampling needs {steps - 1} taus, got {len(taus)}")
         sampler, nfe = "consistency-multistep" if taus else "consistency-onestep", steps
 
         def run(z):
-            return consistency_sample(model, z, taus, **grid)
-    torch.manual_seed(cfg["seed"])
+            return consistency_sample(model, z, taus, generator=generator, **grid)
     net = ckpt["net"]
     shape = (net["in_channels"],) + (net["img_resolution"],) * 2 if "img_resolution" in net \
         else (net["in_channels"],)
-    chunks, left = [], smp["num_samples"]
+    chunks, left = [], num_samples
     while left > 0:
-        n = min(left, smp["batch"])
-        x = run(torch.randn(n, *shape, device=device))
+        n = min(left, batch)
+        x = run(torch.randn(n, *shape, generator=generator, device=device))
         chunks.append(to_uint8(x) if x.ndim == 4 else x.float().cpu().numpy())
         left -= n
     meta = {"method": method, "steps": steps, "nfe": nfe, "sampler": sampler, "taus": taus,
-            "num_samples": smp["num_samples"], "seed": cfg["seed"],
+            "num_samples": num_samples, "seed": seed,
             "train_iters": ckpt.get("train_iters"), "distance": training_distance(ckpt)}
     return np.concatenate(chunks), meta

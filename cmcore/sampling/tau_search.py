@@ -71,26 +71,18 @@ def greedy_tau_search(
     return taus, trace
 
 
-def search_checkpoint_taus(ckpt, cfg, reference, weights):
-    """Greedy taus of a consistency-model checkpoint for its largest configured step count,
-    scored by the FID of ``sampling.tau_search.num_samples`` samples drawn with the search's own
-    seed (not the evaluation's), so the reported FID is not the one the search minimised. The
-    taus of n steps are the first n - 1 (greedy: a prefix never changes with more steps)."""
-    import copy
-
-    from cmcore.evaluation.metrics import compute_metrics
-    from cmcore.models import pick_device
+def search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, device, iters):
+    """The greedy search of ``n_taus`` taus for a consistency-model checkpoint, each candidate
+    scored by ``fid(images)`` of ``num_samples`` samples drawn with the search's own ``seed``
+    (not the evaluation's, so the reported FID is not the one the search minimised). The taus
+    of n steps are the first n - 1 (greedy: a prefix never changes with more steps)."""
     from cmcore.sampling.samplers import sample_checkpoint
 
-    ts, d, ev = cfg["sampling"]["tau_search"], cfg["diffusion"], cfg["evaluation"]
-    steps = sorted(set(cfg["sampling"]["steps"]) | set(cfg["sampling"]["curve_steps"]))
-    search_cfg = copy.deepcopy(cfg)
-    search_cfg["sampling"]["num_samples"], search_cfg["seed"] = ts["num_samples"], ts["seed"]
+    d = ckpt["config"]["diffusion"]
 
-    def fid(taus):
-        images, _ = sample_checkpoint(ckpt, search_cfg, len(taus) + 1, taus=list(taus))
-        return compute_metrics(images, reference, extractor=ev["feature_extractor"],
-                               weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
-                               device=pick_device(cfg["device"]))["fid"]
-    return greedy_tau_search(fid, max(steps) - 1, lo=d["sigma_min"], hi=d["sigma_max"],
-                             iters=ts["iters"], rho=d["rho"])
+    def score(taus):
+        images, _ = sample_checkpoint(ckpt, len(taus) + 1, num_samples, batch, seed, device,
+                                      taus)
+        return fid(images)
+    return greedy_tau_search(score, n_taus, lo=d["sigma_min"], hi=d["sigma_max"], iters=iters,
+                             rho=d["rho"])

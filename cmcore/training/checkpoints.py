@@ -21,11 +21,11 @@ import threading
 
 import torch
 
+from cmcore import dag
+
 FORMAT = "cmcore-checkpoint/1"
 RESUME_FORMAT = "cmcore-resume/1"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Config keys that change what any method computes (besides the method's own section).
-SHARED_KEYS = ("dataset", "seed", "device", "diffusion", "network", "distance_options")
 
 
 class CheckpointError(Exception):
@@ -84,12 +84,11 @@ def fingerprint(value):
     return h.hexdigest()
 
 
-def run_identity(cfg, method, section, data, teacher=None):
-    """What a resume file must match: the method, the settings that shape it (its own section
-    but ``ckpt_every``, and SHARED_KEYS) and the content of the data and of the teacher."""
-    own = {k: v for k, v in cfg.get(section, {}).items() if k != "ckpt_every"}
-    return {"method": method, "config": {**{k: cfg.get(k) for k in SHARED_KEYS},
-                                         section: own},
+def run_identity(cfg, method, data, teacher=None):
+    """What a resume file must match: the method, the settings that shape the run (the view
+    cmcore.dag.settings gives the DAG's train step, so the two cannot drift apart) and the
+    content of the data and of the teacher."""
+    return {"method": method, "config": dag.settings(cfg, "train", method=method),
             "data_sha256": fingerprint(data), "teacher_sha256": fingerprint(teacher)}
 
 

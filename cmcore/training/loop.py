@@ -30,10 +30,12 @@ import csv
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from cmcore import dag
 from cmcore.config import code_version
 from cmcore.data import load_prepared, to_model_space
 from cmcore.diffusion import schedules
@@ -203,15 +205,34 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     return ema, optimizer, snapshots
 
 
-def _section(method):
-    """The config section holding a method's training settings."""
-    return "teacher" if method in ("teacher", "untrained") else method
+@dataclass
+class Run:
+    """What the training of one method shares: the config view, teacher D (or None),
+    batch(n), the Karras grid, the CSV log, the echo function, the network settings, the
+    device, the resume file and the state it holds (or None), the process group."""
+
+    cfg: dict
+    teacher: object
+    batch: object
+    grid: dict
+    log: object
+    echo: object
+    net_cfg: dict
+    device: object
+    resume: object
+    start: object
+    world: object
 
 
-def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
-    """Train ``method`` on the prepared data and write its checkpoint to ``out_path``.
+def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ckpt_every=0,
+          echo=print):
+    """Train ``method`` on the prepared data and write its checkpoint to ``out_path`` and its
+    CSV log to ``log_path`` (default: train_log.csv beside the checkpoint; none for the
+    untrained baseline, which takes no step). ``cfg`` needs the keys of
+    ``cmcore.dag.settings(cfg, "train", method=method)`` only.
 
-    Continues from the resume file ``<out_path>.partial`` when one of this run exists (a
+    Writes the resume file ``<out_path>.partial`` every ``ckpt_every`` iterations (0: only on a
+    stop signal) and continues from it when one of this run exists (a
     foreign, stale or unreadable one is a CheckpointError saying to delete it) and deletes it
     once ``out_path`` is written. SIGTERM/SIGUSR1 raise Preempted after saving it (exit status
     128 + signal number when uncaught). Under torchrun: data parallel over the ranks, the
@@ -220,11 +241,11 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    section = _section(method)
+    section = dag.section(method)
     if cfg["network"].get("label_dim"):  # refuse rather than train a conditional net blind
         raise ValueError("network.label_dim: class-conditional training (ImageNet 64) does not "
                          "pass class labels yet; set label_dim: 0 or use an unconditional config")
-    if section not in cfg:
+    if section and section not in cfg:
         raise ValueError(f"the config has no {section!r} section to train {method} with; add one "
                          "(config/config.yaml has every method's)")
     world = World.from_env()
@@ -233,25 +254,24 @@ def train(cfg, method, data_path, out_path, teacher_path=None, echo=print):
     torch.manual_seed(cfg["seed"])
     device = world.start(pick_device(cfg["device"]))
     try:
-        return _train(cfg, method, data_path, out_path, teacher_path, echo, world, device)
+        return _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every, echo,
+                      world, device)
     finally:
         world.close()
 
 
-def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
+def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every, echo, world,
+           device):
     data = load_prepared(data_path)[0]
     x_all = to_model_space(data).to(device)
     net_cfg = network_config(cfg, x_all.shape)
     diff = cfg["diffusion"]
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
-    if method in registry.NEEDS_TEACHER:
+    if method in dag.NEEDS_TEACHER:
         teacher = model_from_checkpoint(load_checkpoint(teacher_path)).to(device)
-    section = _section(method)
-    identity = run_identity(cfg, method, section, data,
-                            None if teacher is None else teacher.state_dict())
-    resume = (ResumeFile if world.is_main else _FollowerResume)(
-        out_path, identity, cfg[section]["ckpt_every"])
+    identity = run_identity(cfg, method, data, None if teacher is None else teacher.state_dict())
+    resume = (ResumeFile if world.is_main else _FollowerResume)(out_path, identity, ckpt_every)
     start = resume.load()
     if not world.is_main:
         echo = lambda line: None  # noqa: E731
@@ -265,20 +285,21 @@ def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
 
     if world.is_main:
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    log = CSVLog(os.path.join(os.path.dirname(out_path) or ".", "train_log.csv")
-                 if world.is_main else None)
+    if log_path is None and method != "untrained":
+        log_path = os.path.join(os.path.dirname(out_path) or ".", "train_log.csv")
+    log = CSVLog(log_path if world.is_main else None)
     payload = {"format": FORMAT, "method": method, "net": net_cfg, "config": cfg,
                "seed": cfg["seed"], "code_version": code_version()}
-    args = (cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world)
+    run = Run(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world)
     with resume.catching_signals():
         try:
             if start is not None:
                 log.restore(start["log"])
                 echo(f"resuming {method} from {resume.path} at {resume.saved}")
             if method == "pd":
-                payload.update(_train_pd(*args))
+                payload.update(_train_pd(run))
             else:
-                payload.update(_train_single(method, *args))
+                payload.update(_train_single(method, run))
         finally:
             log.close()
         if world.is_main:
@@ -287,22 +308,23 @@ def _train(cfg, method, data_path, out_path, teacher_path, echo, world, device):
     return payload
 
 
-def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start,
-                  world):
+def _train_single(method, run):
     """Every method but PD: one run of ``fit`` on the method's loss (cmcore.methods.registry)."""
     spec = registry.METHODS[method]
-    model = make_model(net_cfg, spec.kind, cfg["diffusion"]).to(device)
-    opt = cfg[_section(method)]
-    if method == "untrained":
-        opt = {**opt, "iters": 0}
+    model = make_model(run.net_cfg, spec.kind, run.cfg["diffusion"]).to(run.device)
+    if method == "untrained":  # the initialisation, as its own evaluation EMA
+        state = model.state_dict()
+        return {"kind": spec.kind, "model": state, "ema": state, "snapshots": {},
+                "target": None, "optimizer": None, "step": 0, "train_iters": 0}
+    opt = run.cfg[method]
     if spec.from_teacher:  # the paper initialises CD from the teacher; so does ECT
-        model.model.load_state_dict(teacher.model.state_dict())
+        model.model.load_state_dict(run.teacher.model.state_dict())
     target, after, distance = None, None, None
     if spec.target:
         target = copy.deepcopy(model).eval().requires_grad_(False)
-        if start is not None:
-            target.load_state_dict(start["target"])
-        resume.extra = lambda: {"target": target.state_dict()}
+        if run.start is not None:
+            target.load_state_dict(run.start["target"])
+        run.resume.extra = lambda: {"target": target.state_dict()}
 
         def after(k, stats):
             # theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
@@ -310,39 +332,42 @@ def _train_single(method, cfg, teacher, batch, grid, log, echo, net_cfg, device,
                 torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
                                      1 - stats["mu"])
     if "distance" in opt:
-        distance = get_distance(opt["distance"], **cfg["distance_options"])
-        distance = distance.to(device) if hasattr(distance, "to") else distance
-    net = world.wrap(model)  # after the initialisation; DDP broadcasts rank 0's
-    loss_fn = spec.build(net, target, teacher, opt, batch, grid, distance, cfg) \
-        if spec.build else None
-    ema, optimizer, snapshots = fit(model, loss_fn, opt, log, after, echo, label=method,
-                                    resume=resume, start=start, world=world)
+        distance = get_distance(opt["distance"], **run.cfg.get("distance_options", {}))
+        distance = distance.to(run.device) if hasattr(distance, "to") else distance
+    net = run.world.wrap(model)  # after the initialisation; DDP broadcasts rank 0's
+    context = registry.Context(net, target, run.teacher, run.batch, run.grid, distance,
+                               run.cfg["diffusion"]["sigma_data"])
+    loss_fn = spec.build(opt, context)
+    ema, optimizer, snapshots = fit(model, loss_fn, opt, run.log, after, run.echo, label=method,
+                                    resume=run.resume, start=run.start, world=run.world)
     return {"kind": spec.kind, "model": model.state_dict(), "ema": ema.state_dict(),
             "snapshots": snapshots,
             "target": None if target is None else target.state_dict(),
             "optimizer": optimizer.state_dict(), "step": opt["iters"], "train_iters": opt["iters"]}
 
 
-def _train_pd(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world):
+def _train_pd(run):
     """Progressive distillation: halve the sampling steps per stage, each student initialised
     from (and then teacher of the next) the EMA of the previous stage."""
-    opt, sd = cfg["pd"], cfg["diffusion"]["sigma_data"]
-    stages, current, steps = {}, teacher, cfg["pd"]["start_steps"] // 2
+    opt, sd = run.cfg["pd"], run.cfg["diffusion"]["sigma_data"]
+    stages, current, steps = {}, run.teacher, opt["start_steps"] // 2
+    start = run.start
     if start is not None:  # resume inside stage ``steps``, after the stages already finished
         stages, steps = dict(start["stages"]), start["stage_steps"]
         if str(2 * steps) in stages:
-            current = copy.deepcopy(teacher)
+            current = copy.deepcopy(run.teacher)
             current.load_state_dict(stages[str(2 * steps)])
     while steps >= 1:
         student = copy.deepcopy(current).train().requires_grad_(True)
-        net = world.wrap(student)
+        net = run.world.wrap(student)
 
         def loss_fn(k, student=net, current=current, steps=steps):
+            x = run.batch(opt["batch"])
             return objectives.progressive_distillation_loss(
-                student, current, batch(opt["batch"]), steps, sd, **grid), {"steps": steps}
-        resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
-        ema, _, _ = fit(student, loss_fn, opt, log, None, echo, label=f"pd{steps}",
-                        resume=resume, start=start, world=world)
+                student, current, x, steps, sd, **run.grid), {"steps": steps}
+        run.resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
+        ema, _, _ = fit(student, loss_fn, opt, run.log, None, run.echo, label=f"pd{steps}",
+                        resume=run.resume, start=start, world=run.world)
         start = None
         stages[str(steps)] = ema.state_dict()
         current, steps = ema, steps // 2
