@@ -257,7 +257,7 @@ def adopt_teacher(cfg, data_path, out_path, source, log_path, loss_plot):
     from cmcore.training.checkpoints import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(source)
-    expected = network_config(cfg, to_model_space(load_prepared(data_path)[0][:1]).shape)
+    expected = network_config(cfg["network"], to_model_space(load_prepared(data_path)[0][:1]).shape)
     if ckpt.get("kind") != "denoiser" or ckpt.get("net") != expected:
         raise CheckpointError(
             f"teacher.pretrained: {source} holds a {ckpt.get('kind')} with network "

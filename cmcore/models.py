@@ -19,9 +19,9 @@ def pick_device(name):
     return name
 
 
-def network_config(cfg, shape):
-    """The backbone's constructor arguments for data of ``shape`` (N, C, H, W) or (N, d)."""
-    net = cfg["network"]
+def network_config(net, shape):
+    """The backbone's constructor arguments: the config's ``network`` section ``net`` for data
+    of ``shape`` (N, C, H, W) or (N, d)."""
     if net["arch"] == "mlp":
         return {"arch": "mlp", "in_channels": shape[1], "hidden": net["hidden"],
                 "depth": net["depth"]}

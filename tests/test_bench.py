@@ -1,13 +1,15 @@
-"""`cm bench`: JSON lines per timed step, FLOP counts against REFERENCE.md. No timing asserts."""
+"""`cm bench`: JSON lines per timed step, FLOP counts against NVlabs/edm's. No timing asserts."""
 
 import json
 import math
 import os
 
 import pytest
+import torch
 from conftest import cm, tiny_config
 
-from cmcore.experiments.bench import FIGURES, NETS, Bench, count_flops, forward_flops, peak_tflops
+from cmcore.experiments.bench import FIGURES, NETS, Bench, count_flops, peak_tflops
+from cmcore.networks import build_network
 
 TIMED = {"teacher_step", "cd_step_l2", "ct_step", "pd_step", "sample_1step", "sample_2step",
          "sample_heun18", "fid_features"}
@@ -15,6 +17,16 @@ TIMED = {"teacher_step", "cd_step_l2", "ct_step", "pd_step", "sample_1step", "sa
 
 def _lines(text):
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def forward_flops(net_cfg, device="meta", batch=1):
+    """FLOPs of one forward of the backbone ``net_cfg`` per image (meta device: no compute)."""
+    with torch.device(device):
+        net = build_network(net_cfg).eval()
+        x = torch.zeros(batch, net_cfg["in_channels"], *[net_cfg["img_resolution"]] * 2)
+        sigma = torch.ones(batch)
+    with torch.no_grad():
+        return count_flops(lambda: net(x, sigma)) / batch
 
 
 def test_bench_embedded_smoke(tmp_path):
@@ -52,9 +64,8 @@ def test_bench_dry_run_and_bad_figure(tmp_path):
 
 
 def test_cifar10_forward_flops_match_reference():
-    # REFERENCE.md: NVlabs/edm's DDPM++ CIFAR-10 config, 42.4 GFLOP per forward image. The
-    # counter's convention (2 FLOPs per multiply-add) is the one that figure uses: 2346 img/s
-    # of training at 3 x 42.4 GFLOP per image is the 298 TFLOP/s quoted beside it.
+    # NVlabs/edm's DDPM++ CIFAR-10 config: 42.4 GFLOP per forward image, counting 2 FLOPs per
+    # multiply-add (the counter's convention).
     per_image = forward_flops(NETS["cifar10"]["net"], device="meta")
     assert per_image == pytest.approx(42.4e9, rel=0.02)
 
@@ -66,7 +77,7 @@ def test_training_step_counts_backward_flops(tmp_path):
 
     b = Bench(config.load(tiny_config(tmp_path)), "embedded", batch=2, device="cpu")
     fwd = forward_flops(b.net_cfg, device="cpu", batch=2) * 2
-    step = count_flops(b.teacher_step()(lambda m: m))
+    step = count_flops(b.training("teacher").fn)
     assert step == pytest.approx(3 * fwd, rel=0.01)
 
 
@@ -91,3 +102,15 @@ def test_bench_against_edm(tmp_path):
         ours, theirs = by_name[f"ours_{what}"], by_name[f"edm_{what}"]
         # Same architecture: the FLOP counts agree (EDM's FIR resampling adds a little).
         assert ours["gflop_per_step"] == pytest.approx(theirs["gflop_per_step"], rel=0.01)
+
+
+def test_bench_leaves_the_global_generator_alone(tmp_path):
+    from cmcore import config
+    from cmcore.experiments.bench import run_bench
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    records = run_bench(config.load(tiny_config(tmp_path)), batch=2, device="cpu", repeats=1,
+                        warmup=0, only=["ct_step", "sample_2step"], echo=lambda line: None)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [r["name"] for r in records] == ["ct_step", "sample_2step", "compare_edm"]

@@ -40,7 +40,7 @@ def edited(tiny_run):
         cfg = copy.deepcopy(original)
         for key, value in changes.items():
             if isinstance(value, dict):
-                cfg[key] = {**cfg[key], **value}
+                cfg[key] = {**cfg.get(key, {}), **value}
             else:
                 cfg[key] = value
         path = config.parent / f"edited{len(paths)}.yaml"

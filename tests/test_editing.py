@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cmcore.diffusion.precond import ConsistencyFunction
+from cmcore.experiments.edit_demos import TASKS, demo
 from cmcore.sampling.editing import (
     BlockRotation,
     ChannelRotation,
@@ -136,3 +137,19 @@ def test_sdedit_starts_from_the_strokes(f):
     assert x.shape == strokes.shape and x.abs().max().item() <= 1.0
     with pytest.raises(ValueError, match="tau_1"):
         sdedit(f, strokes, ())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_demo_is_seeded_and_leaves_the_global_generator_alone(task):
+    torch.manual_seed(0)
+    f = ConsistencyFunction(TinyConv())
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    rows, labels = demo(f, task, x, TAUS, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(rows) == len(labels) and all(r.shape[1:] == x.shape[1:] for r in rows)
+    again, _ = demo(f, task, x, TAUS, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(rows, again, strict=True))
+    other, _ = demo(f, task, x, TAUS, seed=4)
+    assert not torch.equal(rows[-1], other[-1])  # every task draws noise

@@ -83,6 +83,16 @@ def test_classifier_split_is_stratified_and_seeded(digits):
     assert m1["holdout_accuracy"] == m2["holdout_accuracy"] and m1["num_holdout"] == 80
 
 
+def test_classifier_training_leaves_the_global_generator_alone(digits):
+    x, y = digits
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    s1, _ = train_classifier(x[:400], y[:400], iters=3, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    s2, _ = train_classifier(x[:400], y[:400], iters=3, seed=3)  # from its seed alone
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
 def test_checkpoint_roundtrip_and_rejects_other_files(classifier, digits, tmp_path):
     path, metrics = classifier
     net, meta = load_classifier(path)

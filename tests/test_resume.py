@@ -228,7 +228,7 @@ def test_nan_keeps_the_last_good_resume_file(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(objectives, "consistency_training_loss", poisoned)
     out = tmp_path / "checkpoint.pt"
     with pytest.raises(FloatingPointError) as e:
-        train(cfg, "ct", str(setup["data"]), str(out), **QUIET)
+        train(cfg, "ct", str(setup["data"]), str(out), ckpt_every=10, **QUIET)
     partial = f"{out}.partial"
     assert str(e.value) == (
         "ct loss is nan at step 30 (first non-finite at step 25); lower the lr; the last good "

@@ -5,7 +5,9 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_config
 
+from cmcore import config
 from cmcore.diffusion.analytic import ring_mixture
 from cmcore.diffusion.precond import ConsistencyFunction
 from cmcore.diffusion.schedules import karras_grid
@@ -25,6 +27,7 @@ from cmcore.networks import build_network
 from cmcore.threads import torch_threads
 
 GM = ring_mixture(K=8, radius=1.0, std=0.3)
+GRID = dict(eps=0.002, T=80.0, rho=7.0)  # the paper's Karras grid
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +47,10 @@ def _random_f(seed=0):
 
 def test_zero_loss_orders_are_those_of_the_solvers():
     Ns = [32, 64, 128]
-    refs = [grid_reference(GM, N, num_points=8, ref_steps=300) for N in Ns]
+    refs = [grid_reference(GM, N, num_points=8, ref_steps=300, seed=0, **GRID) for N in Ns]
     slopes = {}
     for name in ("euler", "heun"):
-        errs = [zero_loss_cd_error(GM, name, N, reference=r) for N, r in zip(Ns, refs,
-                                                                             strict=True)]
+        errs = [zero_loss_cd_error(GM, name, r) for r in refs]
         assert all(e.error >= e.error_mean > 0 for e in errs)
         slopes[name] = fit_slope([e.delta_t for e in errs], [e.error for e in errs])
     assert 0.8 < slopes["euler"] < 1.2, slopes
@@ -88,7 +90,7 @@ def test_pair_distances_are_the_integrands_of_the_library_losses():
 
 
 def test_ct_cd_gap_shrinks_faster_than_dt():
-    gap = ct_cd_gap(_random_f(), GM, [8, 16, 32, 64], num_samples=20_000)
+    gap = ct_cd_gap(_random_f(), GM, [8, 16, 32, 64], num_samples=20_000, seed=0, **GRID)
     assert list(gap.columns[:5]) == ["N", "delta_t", "L_cd", "L_ct", "gap"]
     # Common random numbers resolve the gap: several standard errors from zero.
     assert (gap["gap"].abs() > 5 * gap["gap_se"]).all(), gap
@@ -106,12 +108,26 @@ def test_fit_slope_recovers_a_power_law():
         fit_slope([1.0, 2.0], [0.0, 1.0])
 
 
+def _settings(tmp_path, **changes):
+    """The theorem1 settings the CLI passes: the validated section, updated by ``changes``."""
+    cfg = config.load(tiny_config(tmp_path))
+    s = {k: v for k, v in cfg["theorem1"].items() if k != "enabled"}
+    s.update(eps=0.002, T=80.0, rho=7.0, seed=0, threads=1)
+    for key, value in changes.items():
+        s[key] = {**s[key], **value} if isinstance(value, dict) else value
+    return s
+
+
 def test_run_theorem1_tiny(tmp_path):
-    settings = {"N_zero_loss": [32, 64, 128], "N_trained": [6, 9], "N_gap": [8, 16, 32],
-                "num_points": 4, "ref_steps": 200, "gap_samples": 4000,
-                "train": {"iters": 40, "batch": 64, "hidden": 16, "depth": 1}}
-    summary = run_theorem1(settings, tmp_path)
-    orders = pd.read_csv(tmp_path / "orders.csv")
+    settings = _settings(tmp_path, N_zero_loss=[32, 64, 128], N_trained=[6, 9],
+                         N_gap=[8, 16, 32], num_points=4, ref_steps=200, gap_samples=4000,
+                         train={"iters": 40, "batch": 64, "hidden": 16, "depth": 1})
+    out = tmp_path / "out"
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    summary = run_theorem1(settings, out)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left alone
+    orders = pd.read_csv(out / "orders.csv")
     assert {"solver", "kind", "slope", "n_points", "N_min", "N_max"} <= set(orders.columns)
     assert len(orders) == 4 and orders["slope"].map(math.isfinite).all()
     row = orders.set_index(["solver", "kind"])
@@ -119,12 +135,12 @@ def test_run_theorem1_tiny(tmp_path):
     assert 1.7 < row.loc[("heun", "zero_loss"), "slope"] < 2.3, orders
     assert row.loc[("heun", "trained"), "n_points"] == 2
     assert (row["N_min"] <= row["N_max"]).all()
-    errors = pd.read_csv(tmp_path / "errors.csv")
+    errors = pd.read_csv(out / "errors.csv")
     assert len(errors) == 2 * (5 + 2)  # zero-loss at N_zero_loss + N_trained; trained at N_trained
     assert (errors["error_sup"] >= errors["error_mean"]).all() and (errors["error_mean"] > 0).all()
-    gap = pd.read_csv(tmp_path / "ct_cd_gap.csv")
+    gap = pd.read_csv(out / "ct_cd_gap.csv")
     assert list(gap["N"]) == [8, 16, 32] and gap[["L_cd", "L_ct"]].gt(0).all().all()
-    assert (tmp_path / "orders.png").stat().st_size > 1000
-    assert (tmp_path / "ct_cd_gap.png").stat().st_size > 1000
+    assert (out / "orders.png").stat().st_size > 1000
+    assert (out / "ct_cd_gap.png").stat().st_size > 1000
     assert summary["slopes"]["euler/zero_loss"] == pytest.approx(row.loc[("euler", "zero_loss"),
                                                                          "slope"])

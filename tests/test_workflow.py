@@ -3,14 +3,16 @@ DAG runs end to end on a tiny config and writes a table of finite numbers."""
 
 import json
 import math
+import sys
 
 import pandas as pd
 import pytest
 from conftest import ROOT, TINY, snakemake, tiny_config
 
-RULES = ["resolved_config", "prepare_data", "train_classifier", "train_teacher", "train_cd",
-         "train_ct", "train_pd", "train_untrained", "sample", "evaluate", "table1", "theorem1",
-         "figure4"]
+from cmcore.cli import torchrun_command
+
+RULES = ["prepare_data", "train_classifier", "train", "untrained", "search_tau", "sample",
+         "evaluate", "ablate", "ablation_report", "table1", "theorem1", "figure4"]
 
 
 def test_dry_run_of_the_default_config_lists_every_rule():
@@ -121,7 +123,10 @@ def test_training_with_several_gpus_launches_torchrun(tmp_path):
                 if " train --method " in line]
     assert {c.split(" train --method ")[1].split()[0] for c in commands} == {
         "teacher", "cd", "ct", "pd", "untrained"}
-    for c in commands:
-        launcher = "cm" if "--method untrained" in c else \
-            "torchrun --standalone --nproc_per_node=4 -m cmcore"
-        assert c.startswith(launcher + " train --method "), c
+    for c in commands:  # cm train --gpus N reruns itself under torchrun (cmcore.cli)
+        assert ("--gpus" not in c) if "--method untrained" in c else c.endswith(
+            "--gpus 4 --threads 1 > " + c.split(" > ")[1]), c
+    argv = ["train", "--method", "cd", "--gpus", "4"]
+    assert torchrun_command(argv, 4) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+        "-m", "cmcore", *argv]

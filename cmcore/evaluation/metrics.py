@@ -20,7 +20,11 @@ Bx3xHxW). Inception resizes any H x W to 299 x 299 itself; the classifier requir
 resolution it was trained at.
 """
 
+import atexit
+import hashlib
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -112,20 +116,43 @@ if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:  # registration is g
 # Inputs.
 
 class ImagesU8Dataset(Dataset):
-    """Dataset over a uint8 NHWC array yielding uint8 CHW tensors (C repeated to ``channels``)."""
+    """Dataset over a uint8 NHWC array yielding uint8 CHW tensors (C repeated to ``channels``),
+    laid out as N x C x H x W once, so an item is a view."""
 
     def __init__(self, images_u8, channels=None):
-        self.images = np.ascontiguousarray(images_u8)
-        self.channels = channels or self.images.shape[-1]
+        x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2)
+        channels = channels or x.shape[1]
+        if x.shape[1] != channels:
+            x = x.expand(-1, channels, -1, -1)  # only 1 -> 3, checked in compute_metrics
+        self.images = x.contiguous()
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = torch.from_numpy(self.images[i]).permute(2, 0, 1)  # C x H x W
-        if x.shape[0] != self.channels:
-            x = x.expand(self.channels, -1, -1)  # only 1 -> 3, checked in compute_metrics
-        return x.contiguous()
+        return self.images[i]
+
+
+_REFERENCE_CACHE = []  # this process's folder of reference features (removed at exit)
+
+
+def _reference_cache_name(reference, name, weights_path):
+    """torch-fidelity's cache name of a reference set's features: its content, the extractor and
+    its weights file. Features are cached for this process only, so a caller that scores many
+    sample sets against one reference (snapshots, the tau search) extracts them once."""
+    stat = os.stat(weights_path)
+    h = hashlib.sha256(reference.tobytes())
+    h.update(f"{reference.shape}|{name}|{os.path.abspath(weights_path)}|{stat.st_size}|"
+             f"{stat.st_mtime_ns}".encode())
+    return f"reference-{h.hexdigest()[:32]}"
+
+
+def _process_cache_root():
+    if not _REFERENCE_CACHE:
+        root = tempfile.mkdtemp(prefix="cmcore-features-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _REFERENCE_CACHE.append(root)
+    return _REFERENCE_CACHE[0]
 
 
 def _check_images(name, x):
@@ -157,8 +184,9 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
 
     ``samples`` is torch-fidelity's input1 (generated) and ``reference`` its input2 (real): IS is
     computed on the samples only; precision asks whether samples fall on the reference manifold.
-    The feature cache is off and nothing is written to disk. ``seed`` fixes the shuffling before
-    the IS splits; ``num_threads`` (None: unchanged) sets torch's intra-op threads for the call.
+    The reference's features are cached for the rest of the process (in a temporary folder).
+    ``seed`` fixes the shuffling before the IS splits; ``num_threads`` (None: unchanged) sets
+    torch's intra-op threads for the call.
     Returns a plain dict with fid, isc_mean, isc_std, precision, recall, f_score, num_samples,
     num_reference, feature_extractor (name, layers and weights path) and the layer names used.
     """
@@ -193,7 +221,9 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
             feature_layer_isc=layers["isc"], feature_layer_fid=layers["fid"],
             feature_layer_prc=layers["prc"],
             isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, rng_seed=seed,
-            batch_size=batch_size or default_batch, cuda=cuda, save_cpu_ram=True, cache=False,
+            batch_size=batch_size or default_batch, cuda=cuda, save_cpu_ram=True, cache=True,
+            cache_root=_process_cache_root(),
+            input2_cache_name=_reference_cache_name(reference_u8_nhwc, name, weights_path),
             verbose=False,
         )
     return dict(

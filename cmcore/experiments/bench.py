@@ -1,28 +1,34 @@
 """Throughput (images/s, ms per step), achieved TFLOP/s and peak memory of every pipeline step.
 
 Figures, each timed on one batch of random data with a freshly initialised network:
-    teacher_step      EDM loss: forward, backward, Adam step                       (1 fwd+bwd)
-    cd_step_l2        CD, Heun N = 18, l2: 2 teacher fwd, 1 target fwd, online fwd+bwd, RAdam
+    teacher_step      EDM loss: 1 fwd+bwd, then the updates (optimizer step, EMA)
+    cd_step_l2        CD, l2: teacher solver step (Heun: 2 fwd), target fwd, 1 fwd+bwd, updates
     cd_step_lpips     the same with LPIPS (inputs resized to 224 px); only with ``lpips=True``
-    ct_step           CT: 1 target fwd, online fwd+bwd, RAdam
-    pd_step           PD: 2 teacher DDIM fwd, student fwd+bwd, Adam
+    ct_step           CT: target fwd, 1 fwd+bwd, updates (optimizer step, target, EMA)
+    pd_step           PD, first stage: 2 teacher DDIM fwd, student fwd+bwd, updates
     sample_1step      consistency sampling, 1 NFE;  sample_2step: 2 NFE (Algorithm 1)
     sample_heun18     the teacher's EDM Heun sampler, 18 steps = 35 NFE
     fid_features      the FID feature extractor on uint8 images (digits classifier, or Inception)
-With an NVlabs/edm checkout, their SongUNet built from the same arguments is timed in the same
-process, interleaved with ours (teacher step and one forward), and the ratio ours/theirs printed.
+The training figures time the step training runs: the method's loss as cmcore.training.loop
+builds it (cmcore.methods.registry; PD's stage loss) in a cmcore.training.loop.TrainStep, with
+the method's config section at the bench's batch; ``bf16``, ``tf32`` and ``compile`` set its
+fast options (cmcore.training.fast). With an NVlabs/edm checkout, their SongUNet built from the
+same arguments is timed interleaved with ours (teacher step, one forward), and the ratio printed.
 
 Timing: warm-up steps excluded; every timed step ends with a device synchronisation; the median
 of ``repeats`` is reported. FLOPs are counted once per figure with torch's FlopCounterMode
 (2 FLOPs per multiply-add; matmuls, convolutions and attention only, so optimizer and
 elementwise work are not counted). Peak memory is torch.cuda.max_memory_allocated per figure on
-GPU, and the process's maximum resident set size (getrusage; monotonic) on CPU.
+GPU, and the process's maximum resident set size (getrusage; monotonic) on CPU. The data batch
+and sampling noise come from generators seeded with the config's seed, the initialisations and
+the losses' draws from torch's global generator, seeded inside ``run_bench`` and then restored.
 """
 
 import contextlib
 import copy
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -30,15 +36,21 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cmcore.diffusion.precond import ConsistencyFunction, Denoiser
-from cmcore.diffusion.solvers import edm_sampler, heun_step
-from cmcore.methods import objectives as obj
+from cmcore import dag
+from cmcore.diffusion.precond import Denoiser
+from cmcore.diffusion.solvers import edm_sampler
+from cmcore.methods import registry
+from cmcore.methods.objectives import progressive_distillation_loss
+from cmcore.models import make_model
 from cmcore.networks import ARCHS, build_network
 from cmcore.sampling.samplers import consistency_sample
+from cmcore.training import fast
+from cmcore.training.loop import TrainStep
 
 # Backbone arguments and default batch of each named benchmark network (arch "ddpmpp").
 NETS = {
@@ -46,7 +58,8 @@ NETS = {
     "embedded": dict(batch=128, net=dict(
         arch="ddpmpp", img_resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2, 2],
         num_blocks=1, attn_resolutions=[4], dropout=0.0)),
-    # NVlabs/edm's CIFAR-10 DDPM++ (REFERENCE.md): 55.7M parameters, 42.4 GFLOP per forward.
+    # NVlabs/edm's CIFAR-10 DDPM++ config: 55.7M parameters, 42.4 GFLOP per forward image
+    # (tests/test_bench.py counts it).
     "cifar10": dict(batch=512, net=dict(
         arch="ddpmpp", img_resolution=32, in_channels=3, model_channels=128,
         channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)),
@@ -62,7 +75,16 @@ PEAK_TFLOPS = (
     ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
     ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
 )
-CD_N = 18
+
+
+class Figure(NamedTuple):
+    """One timed step: fn() runs it; ``during`` enters what the timed calls run inside (the fast
+    options of training: TF32 flags, torch.compile), after the FLOPs are counted eagerly."""
+
+    fn: object
+    nfe: int  # network evaluations per image
+    detail: str
+    during: object = contextlib.nullcontext
 
 
 def peak_tflops(device_name, precision):
@@ -75,16 +97,6 @@ def count_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def forward_flops(net_cfg, device="meta", batch=1):
-    """FLOPs of one forward of the backbone ``net_cfg`` per image (meta device: no compute)."""
-    with torch.device(device):
-        net = build_network(net_cfg).eval()
-        x = torch.zeros(batch, net_cfg["in_channels"], *[net_cfg["img_resolution"]] * 2)
-        sigma = torch.ones(batch)
-    with torch.no_grad():
-        return count_flops(lambda: net(x, sigma)) / batch
 
 
 def time_steps(fns, repeats, warmup, sync):
@@ -137,22 +149,19 @@ class Bench:
         self.repeats = repeats or (20 if self.cuda else 5)
         self.warmup = warmup if warmup is not None else (3 if self.cuda else 1)
         self.bf16, self.tf32 = (self.cuda if v is None else v for v in (bf16, tf32))
-        self.compile = compile
-        # wrap: what the timed steps call the networks through; sync: ends every timed step.
-        self.wrap = torch.compile if compile else (lambda model: model)
+        self.compile = compile  # sync: ends every timed step
         self.sync = (lambda: torch.cuda.synchronize(self.device)) if self.cuda else (lambda: None)
-        self.d = cfg["diffusion"]
-        self.grid = dict(eps=self.d["sigma_min"], T=self.d["sigma_max"])
+        self.cfg, self.d, self.seed = cfg, cfg["diffusion"], cfg["seed"]
+        self.grid = dict(eps=self.d["sigma_min"], T=self.d["sigma_max"], rho=self.d["rho"])
         self.taus = cfg["sampling"]["tau"].get("2", [0.8])
         self.echo, self.out, self.records = echo, out, []
-        if self.cuda:
+        if self.cuda:  # for the sampling figures; the training steps set it as training does
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
         self.device_name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
         self.precision = "bf16" if self.bf16 else ("tf32" if self.tf32 and self.cuda else "fp32")
-        shape = (self.net_cfg["in_channels"],) + (self.net_cfg["img_resolution"],) * 2
-        gen = torch.Generator().manual_seed(cfg["seed"])
-        self.x0 = (torch.rand(self.batch, *shape, generator=gen) * 2 - 1).to(self.device)
-        torch.manual_seed(cfg["seed"])
+        shape = (self.batch, self.net_cfg["in_channels"]) + (self.net_cfg["img_resolution"],) * 2
+        gen = torch.Generator().manual_seed(self.seed)
+        self.x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(self.device)
 
     def backbone(self, cls=None):
         """Our SongUNet from net_cfg, or ``cls`` (EDM's SongUNet) with the same arguments."""
@@ -162,29 +171,64 @@ class Bench:
         kwargs.pop("arch")
         return cls(out_channels=kwargs["in_channels"], **kwargs)
 
-    def denoiser(self, backbone=None, train=True, consistency=False):
-        """D (or f, with ``consistency``) around a backbone, in train or frozen eval mode."""
-        sd, F = self.d["sigma_data"], backbone or self.backbone()
-        m = ConsistencyFunction(F, sd, self.d["sigma_min"]) if consistency else Denoiser(F, sd)
-        m = m.to(self.device)
-        return m.train() if train else m.eval().requires_grad_(False)
+    def model(self, kind, backbone=None):
+        """A fresh D or f (``kind``) as training makes it, or D around ``backbone``."""
+        if backbone is None:
+            return make_model(self.net_cfg, kind, self.d).to(self.device)
+        return Denoiser(backbone, self.d["sigma_data"]).to(self.device)
 
-    def optimizer(self, model, cls=torch.optim.Adam):
-        kwargs = {"fused": True} if self.cuda and cls is torch.optim.Adam else {}  # RAdam: none
-        return cls(model.parameters(), lr=1e-4, **kwargs)
+    def options(self, method):
+        """The method's config section at the bench's batch, precision, tf32 and compile."""
+        return {**self.cfg[method], "batch": self.batch, "tf32": self.tf32,
+                "precision": "bf16" if self.bf16 else "fp32", "compile": self.compile}
 
-    def amp(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+    def training(self, method, distance=None, backbone=None):
+        """One training step of ``method`` (teacher, cd, ct or pd) as cmcore.training.loop runs
+        it: its loss built as training builds it, stepped by TrainStep with its config section.
+        Each call is the next step k. ``backbone``: the teacher's network (EDM comparison)."""
+        opt, sd, teacher, after = self.options(method), self.d["sigma_data"], None, None
 
-    def train_step(self, loss_fn, opt):
-        """A closure: loss under autocast, backward, optimizer step, gradients cleared."""
-        def step():
-            with self.amp():
-                loss = loss_fn()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+        def batch(n):  # training draws n data points; here the one random batch
+            return self.x0[:n]
+
+        if method in dag.NEEDS_TEACHER:
+            teacher = self.model("denoiser").eval().requires_grad_(False)
+        if method == "pd":  # the first stage's loss, as _train_pd builds it
+            steps = opt["start_steps"] // 2
+            model = copy.deepcopy(teacher).train().requires_grad_(True)
+
+            def loss_fn(k):
+                return progressive_distillation_loss(model, teacher, batch(opt["batch"]), steps,
+                                                     sd, **self.grid), {"steps": steps}
+            nfe, detail = 3, f"{steps}-step student: 2 teacher DDIM fwd + 1 fwd/bwd"
+        else:
+            spec = registry.METHODS[method]
+            model = self.model(spec.kind, backbone)
+            if spec.from_teacher:
+                model.model.load_state_dict(teacher.model.state_dict())
+            target = None
+            if spec.target:
+                target = copy.deepcopy(model).eval().requires_grad_(False)
+
+                def after(k, stats):  # theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
+                    with torch.no_grad():
+                        torch._foreach_lerp_(list(target.parameters()),
+                                             list(model.parameters()), 1 - stats["mu"])
+            context = registry.Context(model, target, teacher, batch, self.grid, distance, sd)
+            loss_fn = spec.build(opt, context)
+            if method == "cd":
+                nfe = 3 + (opt["solver"] == "heun")
+                detail = f"{opt['solver']} N={opt['N']}: teacher step + target fwd + 1 fwd/bwd"
+            else:
+                nfe, detail = (1, "EDM loss") if method == "teacher" else \
+                    (2, f"{opt['curriculum']} curriculum: target fwd + 1 fwd/bwd")
+        step, ks = TrainStep(model, loss_fn, opt, after), itertools.count()
+
+        @contextlib.contextmanager
+        def during():
+            with fast.tf32(opt, self.device), fast.compiled(model, opt):
+                yield
+        return Figure(lambda: step(next(ks)), nfe, f"{detail}; {opt['optimizer']}", during)
 
     def emit(self, record):
         record = {"net": self.net_name, "device": self.device.type, **record}
@@ -194,9 +238,6 @@ class Bench:
         if self.out is not None:
             print(line, file=self.out, flush=True)
         return record
-
-    def skip(self, name, why):
-        return self.emit({"name": name, "skipped": why})
 
     def record(self, name, seconds, flops, nfe, detail):
         """Throughput, FLOP rate and memory from the step times ``seconds``: one JSON record."""
@@ -217,73 +258,34 @@ class Bench:
             "torch": torch.__version__, "detail": detail,
         })
 
-    def measure(self, name, make, nfe, detail):
-        """Count FLOPs of make(identity)() once, then time make(self.wrap)() and emit a record."""
+    def measure(self, names, figures):
+        """Count each figure's FLOPs once (eager), then time them interleaved inside their
+        ``during`` contexts; emit one record each."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        flops = count_flops(make(lambda m: m))
-        seconds = time_steps([make(self.wrap)], self.repeats, self.warmup, self.sync)[0]
-        return self.record(name, seconds, flops, nfe, detail)
-
-    def teacher_step(self, backbone=None):
-        """EDM loss forward, backward and Adam step of D around ``backbone`` (default: ours)."""
-        D, sd = self.denoiser(backbone), self.d["sigma_data"]
-        opt = self.optimizer(D)
-
-        def make(wrap):
-            Dw = wrap(D)
-            return self.train_step(lambda: obj.edm_loss(Dw, self.x0, sd), opt)
-        return make
-
-    def cd_step(self, distance):
-        """CD step: Heun teacher step (2 fwd), target fwd, online fwd+bwd, RAdam step."""
-        f, teacher = self.denoiser(consistency=True), self.denoiser(train=False)
-        target = copy.deepcopy(f).requires_grad_(False)
-        opt = self.optimizer(f, torch.optim.RAdam)
-
-        def make(wrap):
-            fw, tw, Dw = wrap(f), wrap(target), wrap(teacher)
-            return self.train_step(lambda: obj.consistency_distillation_loss(
-                fw, tw, Dw, self.x0, CD_N, heun_step, distance, rho=self.d["rho"], **self.grid),
-                opt)
-        return make
-
-    def ct_step(self, distance):
-        """CT step: target fwd, online fwd+bwd, RAdam step."""
-        f = self.denoiser(consistency=True)
-        target = copy.deepcopy(f).requires_grad_(False)
-        opt = self.optimizer(f, torch.optim.RAdam)
-
-        def make(wrap):
-            fw, tw = wrap(f), wrap(target)
-            return self.train_step(lambda: obj.consistency_training_loss(
-                fw, tw, self.x0, CD_N, distance, rho=self.d["rho"], **self.grid), opt)
-        return make
-
-    def pd_step(self):
-        """PD step (64-step student): two teacher DDIM fwd, student fwd+bwd, Adam step."""
-        student, teacher = self.denoiser(), self.denoiser(train=False)
-        opt = self.optimizer(student)
-
-        def make(wrap):
-            sw, tw = wrap(student), wrap(teacher)
-            return self.train_step(lambda: obj.progressive_distillation_loss(
-                sw, tw, self.x0, 64, self.d["sigma_data"], rho=self.d["rho"], **self.grid), opt)
-        return make
+        flops = [count_flops(fig.fn) for fig in figures]
+        with contextlib.ExitStack() as stack:
+            for fig in figures:
+                stack.enter_context(fig.during())
+            times = time_steps([fig.fn for fig in figures], self.repeats, self.warmup, self.sync)
+        return [self.record(name, t, fl, fig.nfe, fig.detail)
+                for name, fig, t, fl in zip(names, figures, times, flops, strict=True)]
 
     def sampler(self, kind):
         """Sampling a batch: ``kind`` = 1 or 2 consistency steps, or "heun" (EDM, 35 NFE)."""
-        model = self.denoiser(train=False, consistency=kind != "heun")
-        z = torch.randn_like(self.x0)
-
+        model = self.model("denoiser" if kind == "heun" else "consistency")
+        model = model.eval().requires_grad_(False)
+        z = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(self.seed))
+        z, xi = z.to(self.device), torch.Generator(self.device).manual_seed(self.seed)
         taus = self.taus if kind == 2 else ()
+        eps, T, rho = self.grid["eps"], self.grid["T"], self.grid["rho"]
 
         def run():  # not compiled: --compile is for the training steps
-            with self.amp():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 if kind == "heun":
-                    return edm_sampler(model, z, 18, rho=self.d["rho"], **self.grid)
-                return consistency_sample(model, z, taus, **self.grid)
-        return lambda wrap: run
+                    return edm_sampler(model, z, 18, eps, T, rho)
+                return consistency_sample(model, z, taus, eps, T, generator=xi)
+        return run
 
     def fid_features(self, classifier=None, inception=None):
         """The registered torch-fidelity extractor's forward on a uint8 NCHW batch."""
@@ -313,7 +315,7 @@ class Bench:
                 weights, detail = os.fspath(path), f"{detail} ({path})"
             fe = cls(name, layers, feature_extractor_weights_path=weights)
         fe = fe.eval().requires_grad_(False).to(self.device)
-        return (lambda wrap: torch.no_grad()(lambda: fe(x))), detail + ", fp32, not autocast"
+        return Figure(torch.no_grad()(lambda: fe(x)), 1, detail + ", fp32, not autocast")
 
     def compare_edm(self, edm_path):
         """Teacher step and one forward of ours against NVlabs/edm's SongUNet (same arguments and
@@ -322,22 +324,48 @@ class Bench:
         theirs_F.load_state_dict(ours_F.state_dict())
         sigma, ratios = torch.ones(self.batch, device=self.device), {}
         for what in ("teacher_step", "forward"):
-            makes = []
+            figures = []
             for F in (ours_F, theirs_F):
                 if what == "teacher_step":
-                    makes.append(self.teacher_step(copy.deepcopy(F)))
+                    figures.append(self.training("teacher", backbone=copy.deepcopy(F)))
                 else:
-                    D = self.denoiser(copy.deepcopy(F), train=False)
-                    makes.append(lambda wrap, D=D: torch.no_grad()(lambda: D(self.x0, sigma)))
-            flops = [count_flops(make(lambda m: m)) for make in makes]
-            times = time_steps([make(self.wrap) for make in makes], self.repeats, self.warmup,
-                               self.sync)
-            recs = [self.record(f"{who}_{what}", t, fl, 1, f"{who} SongUNet, timed interleaved")
-                    for who, t, fl in zip(("ours", "edm"), times, flops, strict=True)]
+                    D = self.model("denoiser", copy.deepcopy(F)).eval().requires_grad_(False)
+                    figures.append(Figure(torch.no_grad()(lambda D=D: D(self.x0, sigma)), 1, ""))
+            figures = [fig._replace(detail=f"{who} SongUNet, timed interleaved")
+                       for who, fig in zip(("ours", "edm"), figures, strict=True)]
+            recs = self.measure([f"ours_{what}", f"edm_{what}"], figures)
             ratios[what] = recs[0]["img_per_s"] / recs[1]["img_per_s"]
             self.emit({"name": f"ratio_{what}", "ratio_ours_over_edm_img_per_s": ratios[what],
                        "batch": self.batch, "edm_path": os.path.abspath(edm_path)})
         return ratios
+
+
+def _figure(b, name, lpips, classifier, inception):
+    """The Figure of ``name``, or the reason it is skipped (a string)."""
+    from cmcore.methods.distances import LPIPS, l2, lpips_backbone_available
+
+    if name.startswith("sample_"):
+        kind = {"sample_1step": 1, "sample_2step": 2, "sample_heun18": "heun"}[name]
+        nfe, detail = {1: (1, "Algorithm 1"), 2: (2, f"Algorithm 1, tau {b.taus}"),
+                       "heun": (35, "EDM Heun, 18 steps")}[kind]
+        return Figure(b.sampler(kind), nfe, detail)
+    if name == "fid_features":
+        return b.fid_features(classifier, inception) or \
+            "Inception needs --inception-weights PATH (no download here)"
+    method = {"teacher_step": "teacher", "ct_step": "ct", "pd_step": "pd"}.get(name, "cd")
+    if method not in b.cfg:
+        return f"the config has no {method!r} section"
+    if name != "cd_step_lpips":
+        return b.training(method, None if method in ("teacher", "pd") else l2)
+    if not lpips:
+        return "pass --lpips to time it (LPIPS at 224 px is slow on CPU)"
+    try:
+        backbone = "pretrained" if lpips_backbone_available() else "random"
+        dist = LPIPS(backbone=backbone).to(b.device)
+    except ImportError as e:
+        return f"the lpips package is not importable ({e})"
+    fig = b.training("cd", dist)
+    return fig._replace(detail=f"{fig.detail}; LPIPS alex at 224 px, {backbone} backbone")
 
 
 def run_bench(cfg, *, net="embedded", batch=None, device="auto", repeats=None, warmup=None,
@@ -346,53 +374,29 @@ def run_bench(cfg, *, net="embedded", batch=None, device="auto", repeats=None, w
     """Time every figure of FIGURES (or ``only``), then the EDM comparison; returns the records.
 
     One JSON line per figure goes to ``echo`` and, when ``out`` is a path, to that .jsonl file.
+    torch's global generator is seeded with cfg['seed'] inside and left as it was on return.
     """
-    from cmcore.methods.distances import LPIPS, l2, lpips_backbone_available
-
     wanted = list(only or FIGURES)
     unknown = sorted(set(wanted) - set(FIGURES))
     if unknown or net not in NETS:
         raise ValueError(f"unknown figure(s) {unknown} or net {net!r}; figures: {list(FIGURES)}")
     b = Bench(cfg, net, batch, device, repeats, warmup, bf16, tf32, compile, echo)
-    with open(out, "w") if out else contextlib.nullcontext() as b.out:
-        simple = {  # name: (builder, network evaluations per image, detail)
-            "teacher_step": (b.teacher_step, 1, "EDM loss, Adam"),
-            "cd_step_l2": (lambda: b.cd_step(l2), 4, f"Heun N={CD_N}, l2; 3 fwd + 1 fwd/bwd"),
-            "ct_step": (lambda: b.ct_step(l2), 2, "l2; 1 target fwd + 1 fwd/bwd"),
-            "pd_step": (b.pd_step, 3, "l2; 2 teacher DDIM fwd + 1 fwd/bwd"),
-            "sample_1step": (lambda: b.sampler(1), 1, "Algorithm 1"),
-            "sample_2step": (lambda: b.sampler(2), 2, f"Algorithm 1, tau {b.taus}"),
-            "sample_heun18": (lambda: b.sampler("heun"), 35, "EDM Heun, 18 steps"),
-        }
+    with torch.random.fork_rng(devices=[b.device] if b.cuda else []), \
+            open(out, "w") if out else contextlib.nullcontext() as b.out:
+        torch.manual_seed(b.seed)  # initialisations and the losses' draws
         for name in wanted:
-            if name in simple:
-                build, nfe, detail = simple[name]
-                make = build()
-            elif name == "cd_step_lpips":
-                if not lpips:
-                    b.skip(name, "pass --lpips to time it (LPIPS at 224 px is slow on CPU)")
-                    continue
-                try:
-                    backbone = "pretrained" if lpips_backbone_available() else "random"
-                    dist = LPIPS(backbone=backbone).to(b.device)
-                except ImportError as e:
-                    b.skip(name, f"the lpips package is not importable ({e})")
-                    continue
-                make, nfe = b.cd_step(dist), 4
-                detail = f"Heun N={CD_N}, LPIPS alex at 224 px, {backbone} backbone"
-            else:  # fid_features
-                got = b.fid_features(classifier, inception)
-                if got is None:
-                    b.skip(name, "Inception needs --inception-weights PATH (no download here)")
-                    continue
-                (make, detail), nfe = got, 1
-            b.measure(name, make, nfe, detail)
-            del make
+            fig = _figure(b, name, lpips, classifier, inception)
+            if isinstance(fig, str):
+                b.emit({"name": name, "skipped": fig})
+                continue
+            b.measure([name], [fig])
+            del fig
             gc.collect()
             if b.cuda:
                 torch.cuda.empty_cache()
         if reference_edm:
             b.compare_edm(reference_edm)
         else:
-            b.skip("compare_edm", "no --reference-edm PATH (an NVlabs/edm checkout) given")
+            b.emit({"name": "compare_edm",
+                    "skipped": "no --reference-edm PATH (an NVlabs/edm checkout) given"})
     return b.records

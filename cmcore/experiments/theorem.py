@@ -25,21 +25,10 @@ from cmcore.diffusion.precond import ConsistencyFunction, _per_sample
 from cmcore.diffusion.schedules import karras_grid
 from cmcore.diffusion.solvers import euler_step, get_solver
 from cmcore.methods.distances import l2
-from cmcore.methods.objectives import consistency_distillation_loss
+from cmcore.methods.registry import METHODS, Context
 from cmcore.networks import build_network
 from cmcore.threads import torch_threads
-
-DEFAULTS = {
-    "solvers": ["euler", "heun"],
-    "N_zero_loss": [16, 32, 64, 128, 256],
-    "N_trained": [6, 9, 12, 18],
-    "N_gap": [8, 16, 32, 64, 128, 256], "gap_samples": 100_000,
-    "num_points": 32, "ref_steps": 500,
-    "mixture": {"components": 8, "radius": 1.0, "std": 0.3},
-    "train": {"iters": 1000, "batch": 256, "lr": 1e-3, "target_ema": 0.95, "hidden": 64,
-              "depth": 3},
-    "eps": 0.002, "T": 80.0, "rho": 7.0, "seed": 0, "threads": 1,
-}
+from cmcore.training.loop import CSVLog, fit
 
 
 class GridError(NamedTuple):
@@ -95,11 +84,13 @@ class GridReference(NamedTuple):
     grid: torch.Tensor
 
 
-def grid_reference(gm, N, num_points=32, eps=0.002, T=80.0, rho=7.0, seed=0, ref_steps=500):
+def grid_reference(gm, N, *, num_points, ref_steps, seed, eps, T, rho):
     """x_j(t_n) = x0_j + t_n z_j, x0_j ~ p_data, z_j ~ N(0, I), and f(x, t_n) = x_eps (exact ODE).
 
-    The same (x0_j, z_j) serve every t_n and every N (common random numbers across N); t_1 = eps
-    is left out since f(x, eps) = x holds exactly for every f in question.
+    ``num_points`` pairs (x0_j, z_j) drawn from a generator seeded with ``seed`` serve every t_n
+    and every N (common random numbers across N); t_1 = eps is left out since f(x, eps) = x holds
+    exactly for every f in question. f_exact: ``ref_steps`` RK4 steps of GaussianMixture.ode_solve
+    on the Karras grid (N, eps, T, rho).
     """
     g = torch.Generator().manual_seed(seed)
     x0, z = gm.sample(num_points, g), torch.randn(num_points, gm.means.shape[1], generator=g,
@@ -121,16 +112,13 @@ def grid_error(f, reference):
     return GridError(e.max().item(), dt, e.mean().item())
 
 
-def zero_loss_cd_error(gm, solver, N, num_points=32, eps=0.002, T=80.0, rho=7.0, seed=0,
-                       ref_steps=500, reference=None):
+def zero_loss_cd_error(gm, solver, reference):
     """sup_{n, x} ||f_zero(x, t_n) - f_exact(x, t_n)||_2 and dt (Theorem 1 with L_CD = 0).
 
     f_zero composes solver steps with the exact denoiser gm.denoiser (float64); x ~ p_{t_n} at
-    every grid time t_2..t_N = T (see grid_reference, which ``reference`` may supply).
+    every grid time t_2..t_N = T of ``reference`` (grid_reference).
     Returns GridError(error, delta_t, error_mean).
     """
-    if reference is None:
-        reference = grid_reference(gm, N, num_points, eps, T, rho, seed, ref_steps)
     f = zero_loss_consistency(gm.denoiser, solver, reference.grid)
     return grid_error(f, reference)
 
@@ -143,45 +131,43 @@ def fit_slope(delta_t, errors):
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
-def train_cd_exact(gm, solver, N, iters=1000, batch=256, lr=1e-3, target_ema=0.95, hidden=64,
-                   depth=3, eps=0.002, T=80.0, rho=7.0, seed=0, num_points=32, ref_steps=500,
-                   reference=None):
+def train_cd_exact(gm, solver, N, train, *, seed, eps, T, rho):
     """min_theta L_CD^N(theta, theta^-; phi) with the exact teacher D = E[x0 | x_t], l2, float32.
 
-    f_theta = ConsistencyFunction(MLP(hidden, depth)); Adam with the learning rate decayed
-    linearly to 0; theta^- <- mu theta^- + (1 - mu) theta (mu = ``target_ema``; 0: theta^- =
-    theta). Returns (f_theta, GridError against the exact f on the grid of N points).
+    The cd method's loss (cmcore.methods.registry) with data x0 ~ gm, trained by
+    cmcore.training.loop.fit: Adam with the learning rate ``lr`` decayed linearly to 0; after
+    each step theta^- <- mu theta^- + (1 - mu) theta (mu = ``target_ema``; 0: theta^- = theta).
+    f_theta = ConsistencyFunction(MLP(hidden, depth)). ``train``: iters, batch, lr, target_ema,
+    hidden, depth; ``solver``: a name (euler, heun). Returns f_theta, frozen, in eval mode.
     """
-    solver = _solver(solver)
+    mu = train["target_ema"]
+    opt = {"iters": train["iters"], "batch": train["batch"], "lr": train["lr"], "N": N,
+           "solver": solver, "target_mu": mu, "optimizer": "adam", "warmup": 0,
+           "lr_decay": "linear", "grad_clip": None, "ema": 0.0,  # f itself is measured
+           "log_every": train["iters"]}
+    g = torch.Generator().manual_seed(seed)  # the data
+
+    def teacher(x, t):
+        return gm.denoiser(x, t).to(x.dtype)  # exact in float64, cast for the network
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the loss draws n and z from the global generator
-        g = torch.Generator().manual_seed(seed)
-        net = build_network({"arch": "mlp", "in_channels": gm.means.shape[1], "hidden": hidden,
-                             "depth": depth})
+        torch.manual_seed(seed)  # the initialisation, and the n and z the loss draws
+        net = build_network({"arch": "mlp", "in_channels": gm.means.shape[1],
+                             "hidden": train["hidden"], "depth": train["depth"]})
         f = ConsistencyFunction(net, eps=eps)
-        f_target = copy.deepcopy(f).requires_grad_(False)
-        opt = torch.optim.Adam(f.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / iters)
+        target, after = f, None
+        if mu > 0:
+            target = copy.deepcopy(f).requires_grad_(False)
 
-        def teacher(x, t):
-            return gm.denoiser(x, t).to(x.dtype)  # exact in float64, cast for the network
-
-        for _ in range(iters):
-            # One CD step, then the target EMA.
-            x0 = gm.sample(batch, g).float()
-            loss = consistency_distillation_loss(f, f_target if target_ema > 0 else f, teacher,
-                                                 x0, N, solver, l2, eps, T, rho)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p_t, p in zip(f_target.parameters(), f.parameters(), strict=True):
-                    p_t.lerp_(p, 1 - target_ema)
-    f.eval().requires_grad_(False)
-    if reference is None:
-        reference = grid_reference(gm, N, num_points, eps, T, rho, seed, ref_steps)
-    return f, grid_error(f, reference)
+            def after(k, stats):
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(target.parameters()), list(f.parameters()),
+                                         1 - stats["mu"])
+        context = Context(f, target, teacher, lambda n: gm.sample(n, g).float(),
+                          dict(eps=eps, T=T, rho=rho), l2, f.sigma_data)
+        fit(f, METHODS["cd"].build(opt, context), opt, CSVLog(None), after,
+            echo=lambda line: None, label=f"cd {solver} N={N}")
+    return f.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -199,8 +185,7 @@ def pair_distances(f, D, x0, n, z, grid, distance=l2):
     return d_cd, d_ct
 
 
-def ct_cd_gap(f, gm, N_values, num_samples=100_000, seed=0, distance=l2, eps=0.002, T=80.0,
-              rho=7.0, chunk=50_000):
+def ct_cd_gap(f, gm, N_values, *, num_samples, seed, eps, T, rho, distance=l2, chunk=50_000):
     """L_CD^N - L_CT^N = o(dt) (Theorem 2: Euler, exact score, lambda = 1, theta^- = theta).
 
     Both losses are estimated from the same x0, z and u ~ U(0, 1), n = floor(u (N - 1)), for
@@ -230,17 +215,6 @@ def ct_cd_gap(f, gm, N_values, num_samples=100_000, seed=0, distance=l2, eps=0.0
                      "gap": diff.mean().item(), "gap_se": (diff.std() / num_samples**0.5).item(),
                      "gap_over_dt": abs(diff.mean().item()) / dt})
     return pd.DataFrame(rows)
-
-
-def _settings(settings):
-    """DEFAULTS deep-updated by ``settings`` (one level of nesting)."""
-    s = copy.deepcopy(DEFAULTS)
-    for key, value in (settings or {}).items():
-        if isinstance(value, dict) and isinstance(s.get(key), dict):
-            s[key].update(value)
-        else:
-            s[key] = value
-    return s
 
 
 def _slope_lines(ax, dt, x0, y0, slopes=(1, 2)):
@@ -308,29 +282,25 @@ def run_theorem1(settings, out_dir):
     """Measure Theorem 1 (zero-loss and trained CD) and Theorem 2 on a ring of Gaussians.
 
     Writes orders.csv, errors.csv, ct_cd_gap.csv, orders.png, ct_cd_gap.png and summary.json in
-    ``out_dir`` and returns the summary. ``settings`` deep-updates DEFAULTS:
-      solvers: ["euler", "heun"].
-      N_zero_loss: [16, 32, 64, 128, 256]: grids for the zero-loss order fit (Karras grid, eps =
-        0.002, T = 80, rho = 7; dt spans 25 .. 1.7). N = 8 is left out: there dt = 45 and Heun
-        with such steps is far from its asymptotic regime (pairwise order ~3 from 8 to 16).
-      N_trained: [6, 9, 12, 18]: grids for the trained models (zero-loss errors are also
-        reported at these N, beside the trained ones, but not fitted).
-      N_gap: [8, 16, ..., 256]: grids for the CT-CD gap, gap_samples: 100,000 samples each.
-      num_points: 32 test points per grid time (the sup over x is over these), ref_steps: 500
-        RK4 steps of the exact ODE (error ~1e-8).
-      mixture: 8 components of std 0.3 on a circle of radius 1. Why std 0.3: with std 0.1 the
-        exact flow has a large Lipschitz constant near the component boundaries and Heun's sup
-        error is not yet asymptotic at N <= 256 (measured slope ~1.75 over N = 16..256, Euler
-        ~1.0); with std 0.3 both solvers are in their asymptotic regime from N = 16.
-      train: iters 1000, batch 256, lr 1e-3 (linear decay), target_ema 0.95, MLP hidden 64,
-        depth 3, float32. The model of the gap is the Euler one at the largest N_trained
-        (in float64, theta^- = theta).
-      eps, T, rho, seed; threads: 1 torch thread (tiny 2-D tensors gain nothing from more, and
-        on a busy 2-core machine two spinning threads were measured 10-20x slower).
+    ``out_dir`` and returns the summary. ``settings``: every key of the config's ``theorem1``
+    section but ``enabled`` (workflow/schemas/config.schema.yaml describes each), plus the
+    Karras grid's eps, T, rho, the seed and ``threads`` (torch threads):
+      solvers; N_zero_loss: grids of the zero-loss order fit; N_trained: grids of the trained
+        models (zero-loss errors are also reported there, not fitted); N_gap, gap_samples: the
+        CT-CD gap; num_points test points per grid time (the sup over x is over these);
+        ref_steps RK4 steps of the exact ODE; mixture: components, radius, std; train: iters,
+        batch, lr, target_ema, hidden, depth of the CD-trained MLPs (train_cd_exact). The model
+        of the gap is the Euler one (else the first solver's) at the largest N_trained, in
+        float64 with theta^- = theta.
+    Why the schema's defaults: N = 8 (dt = 45) is left out of the zero-loss fit, Heun being far
+    from its asymptotic regime there (pairwise order ~3 from 8 to 16). With std 0.1 the exact
+    flow has a large Lipschitz constant near the component boundaries and Heun's sup error is
+    not yet asymptotic at N <= 256 (slope ~1.75 over N = 16..256, Euler ~1.0); with std 0.3
+    both solvers are from N = 16. One thread: tiny 2-D tensors gain nothing from more, and on a
+    busy 2-core machine two spinning threads were measured 10-20x slower.
     """
-    s = _settings(settings)
-    with torch_threads(s["threads"]):
-        return _run(s, out_dir)
+    with torch_threads(settings["threads"]):
+        return _run(settings, out_dir)
 
 
 def _run(s, out_dir):
@@ -342,20 +312,21 @@ def _run(s, out_dir):
 
     # Exact references, shared by all solvers and kinds at the same N.
     Ns = sorted(set(s["N_zero_loss"]) | set(s["N_trained"]))
-    refs = {N: grid_reference(gm, N, s["num_points"], seed=s["seed"], ref_steps=s["ref_steps"],
-                              **grid_kw) for N in Ns}
+    refs = {N: grid_reference(gm, N, num_points=s["num_points"], ref_steps=s["ref_steps"],
+                              seed=s["seed"], **grid_kw) for N in Ns}
 
     # Zero-loss CD solutions, then CD-trained models, measured on the same points.
     rows, models = [], {}
     for solver in s["solvers"]:
         for N in Ns:
-            e = zero_loss_cd_error(gm, solver, N, reference=refs[N], **grid_kw)
+            e = zero_loss_cd_error(gm, solver, refs[N])
             rows.append({"solver": solver, "kind": "zero_loss", "N": N, "delta_t": e.delta_t,
                          "error_sup": e.error, "error_mean": e.error_mean})
         for N in s["N_trained"]:
             t0 = time.perf_counter()
-            models[solver, N], e = train_cd_exact(gm, solver, N, **s["train"], **grid_kw,
-                                                  seed=s["seed"], reference=refs[N])
+            models[solver, N] = train_cd_exact(gm, solver, N, s["train"], seed=s["seed"],
+                                               **grid_kw)
+            e = grid_error(models[solver, N], refs[N])
             rows.append({"solver": solver, "kind": "trained", "N": N, "delta_t": e.delta_t,
                          "error_sup": e.error, "error_mean": e.error_mean,
                          "train_seconds": time.perf_counter() - t0})
@@ -375,7 +346,7 @@ def _run(s, out_dir):
     # Theorem 2 for a fixed, trained f with theta^- = theta.
     f = copy.deepcopy(models["euler" if "euler" in s["solvers"] else s["solvers"][0],
                             max(s["N_trained"])]).double()
-    gap = ct_cd_gap(f, gm, s["N_gap"], s["gap_samples"], seed=s["seed"], **grid_kw)
+    gap = ct_cd_gap(f, gm, s["N_gap"], num_samples=s["gap_samples"], seed=s["seed"], **grid_kw)
 
     # Tables, plots and the summary.
     errors.to_csv(os.path.join(out_dir, "errors.csv"), index=False)

@@ -146,10 +146,6 @@ class ResumeFile:
         self.saved = f"{state['label']} step {state['k']}"
         return state
 
-    def due(self, k):
-        """Whether the state after k iterations of a stage should be written."""
-        return self.stop is not None or (self.every > 0 and k % self.every == 0)
-
     def save(self, state):
         save_checkpoint(self.path, {"format": RESUME_FORMAT, "identity": self.identity,
                                     **state, **self.extra(), "rng": rng_states()})

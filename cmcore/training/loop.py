@@ -116,6 +116,51 @@ def _check_finite(first_bad, loss, params, label, k, resume, world):
     raise FloatingPointError(f"{where}; lower the lr{hint}")
 
 
+class TrainStep:
+    """step(k): training step k of ``fit``, with the optimizer and evaluation EMA it updates.
+
+        lr_k = lr min(1, (k + 1) / warmup)                (lr when warmup is 0)
+        lr_k = lr (1 - k / iters)                         (opt["lr_decay"] == "linear")
+        (L, stats) = loss_fn(k);  g = grad L, clipped to norm grad_clip when set
+        theta <- optimizer step(theta, g, lr_k);  after_step(k, stats)  (the target update)
+        ema <- d ema + (1 - d) theta,  d = min(ema, (1 + k) / (10 + k))
+
+    ``opt``: the method's section (cmcore.training.fast for its fast-step options). Returns
+    (loss in fp32, stats, lr_k) without waiting for the device: lr, decays and clipping norms
+    stay Python floats or device tensors (tests/test_fast_step.py). cm bench times it as is.
+    """
+
+    def __init__(self, model, loss_fn, opt, after_step=None, world=None):
+        self.loss_fn, self.opt, self.after_step = loss_fn, opt, after_step
+        self.world = world or World()
+        self.optimizer = _optimizer(model, opt)
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)  # before compiling: eager
+        self.params, self.ema_params = list(model.parameters()), list(self.ema.parameters())
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+
+    def __call__(self, k):
+        opt, params = self.opt, self.params
+        lr = opt["lr"] * min(1.0, (k + 1) / opt["warmup"]) if opt["warmup"] else opt["lr"]
+        if opt.get("lr_decay") == "linear":  # no warm-up: as torch's LambdaLR(1 - k / iters)
+            lr = opt["lr"] * (1 - k / opt["iters"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.world.global_draws(opt["batch"]), fast.autocast(opt, self.device):
+            loss, stats = self.loss_fn(k)
+        loss = loss.float()  # bf16 autocast: backward from an fp32 loss; fp32: itself
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if opt["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
+        self.optimizer.step()
+        if self.after_step is not None:
+            self.after_step(k, stats)
+        decay = schedules.ema_warmup_decay(opt["ema"], k)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, params, 1 - decay)
+        return loss, stats, lr
+
+
 def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=None,
         start=None, world=None):
     """Run ``opt['iters']`` steps of loss_fn(k) -> (loss, stats); return (ema, optimizer,
@@ -132,10 +177,8 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     ``opt``'s precision, tf32, fused and compile: cmcore.training.fast (module docstring).
     """
     world = world or World()
-    optimizer = _optimizer(model, opt)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # before compiling: stays eager
-    params, ema_params = list(model.parameters()), list(ema.parameters())
-    device = params[0].device if params else torch.device("cpu")
+    step = TrainStep(model, loss_fn, opt, after_step, world)
+    optimizer, ema, params, device = step.optimizer, step.ema, step.params, step.device
     K, k0, t0 = opt["iters"], 0, time.time()
     if start is not None:
         model.load_state_dict(start["model"])
@@ -156,26 +199,9 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     t_loop = time.time()
     with fast.tf32(opt, device), fast.compiled(model, opt):
         for k in steps:
-            # Between log rows nothing here waits for the device: lr, decays and clipping
-            # norms stay Python floats or device tensors (tests/test_fast_step.py).
-            lr = opt["lr"] * min(1.0, (k + 1) / opt["warmup"]) if opt["warmup"] else opt["lr"]
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with world.global_draws(opt["batch"]), fast.autocast(opt, device):
-                loss, stats = loss_fn(k)
-            loss = loss.float()  # bf16 autocast: backward from an fp32 loss; fp32: itself
+            loss, stats, lr = step(k)
             first_bad = torch.where((first_bad == 0) & ~loss.detach().isfinite(), k + 1,
                                     first_bad)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opt["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
-            optimizer.step()
-            if after_step is not None:
-                after_step(k, stats)
-            decay = schedules.ema_warmup_decay(opt["ema"], k)
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - decay)
             if every and (k + 1) % every == 0:
                 snapshots[str(k + 1)] = {n: v.clone() for n, v in ema.state_dict().items()}
             log_now = (k + 1) % opt["log_every"] == 0 or k + 1 == K
@@ -187,8 +213,9 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
                 eta = (time.time() - t_loop) / (k + 1 - k0) * (K - k - 1)
                 echo(" ".join(f"{key}={val:.5g}" if isinstance(val, float) else f"{key}={val}"
                               for key, val in row.items()) + f" eta={eta:.0f}s")
-            # ResumeFile.due, decided once for every rank: the stop requests of all ranks so
-            # far (a signal arriving later, say during the save, counts for the next step).
+            # Whether to write the resume file, decided once for every rank: the stop requests
+            # of all ranks so far (a signal arriving later, say during the save, counts for the
+            # next step).
             stop = None if resume is None else world.agree_stop(resume.stop)
             if resume is not None and (stop is not None or resume.every > 0
                                        and (k + 1) % resume.every == 0):
@@ -264,7 +291,7 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
            device):
     data = load_prepared(data_path)[0]
     x_all = to_model_space(data).to(device)
-    net_cfg = network_config(cfg, x_all.shape)
+    net_cfg = network_config(cfg["network"], x_all.shape)
     diff = cfg["diffusion"]
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
@@ -288,7 +315,8 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
     if log_path is None and method != "untrained":
         log_path = os.path.join(os.path.dirname(out_path) or ".", "train_log.csv")
     log = CSVLog(log_path if world.is_main else None)
-    payload = {"format": FORMAT, "method": method, "net": net_cfg, "config": cfg,
+    payload = {"format": FORMAT, "method": method, "net": net_cfg,
+               "config": dag.settings(cfg, "train", method=method),
                "seed": cfg["seed"], "code_version": code_version()}
     run = Run(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world)
     with resume.catching_signals():

@@ -71,8 +71,8 @@ rule ablation_report:
     params:
         config=RESOLVED,
         settings=settings("ablation-report"),
-        tables=f"{OUT}/tables",
-        plots=f"{OUT}/plots",
+        tables=lambda wildcards, output: os.path.dirname(output.tables[0]),
+        plots=lambda wildcards, output: os.path.dirname(output.plots[0]),
     shell:
         "cm ablation-report --config {params.config:q} --scores {input.scores:q}"
         " --out {params.tables:q} --plots {params.plots:q} > {log:q} 2>&1"

@@ -1,5 +1,6 @@
 # Config validation, the resolved config, run enumeration, input functions and flag builders;
 # no rules. Torch-free: `snakemake -n` builds the DAG on a login node without torch.
+import os
 import shlex
 import sys
 

@@ -64,7 +64,7 @@ rule theorem1:
     params:
         config=RESOLVED,
         settings=settings("theorem1"),
-        out=f"{OUT}/theorem1",
+        out=lambda wildcards, output: os.path.dirname(output.orders),
     shell:
         "cm theorem1 --config {params.config:q} --out {params.out:q} --threads {threads}"
         " > {log:q} 2>&1"
