@@ -1,13 +1,11 @@
-"""Command line: ``python -m cmcore <step>`` (also ``cm <step>``), one subcommand per DAG step.
+"""The handlers of the ``cm`` subcommands: handler(args, cfg) -> one-line message.
 
-Every subcommand takes --config, --out, --seed and --dry-run; a dry run validates the config and
-the inputs, says what it would do, and writes nothing. Errors are one line on stderr, exit 2.
+Each DAG step first narrows the config to its settings (cmcore.dag.settings), the values its
+rule declares as params, then calls the library with plain arguments.
 """
 
-import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -17,7 +15,7 @@ from cmcore.data import DataError
 from cmcore.training.checkpoints import CheckpointError
 
 
-def _prepare_data(args, cfg):
+def cmd_prepare_data(args, cfg):
     from cmcore.data import load_dataset, save_prepared
 
     cfg = dag.settings(cfg, "prepare-data")
@@ -28,7 +26,7 @@ def _prepare_data(args, cfg):
     return f"wrote {args.out}: {x.shape[0]} items of shape {tuple(x.shape[1:])}"
 
 
-def _train_classifier(args, cfg):
+def cmd_train_classifier(args, cfg):
     from cmcore.data import load_prepared
     from cmcore.evaluation.classifier import save_classifier, train_classifier
 
@@ -58,7 +56,7 @@ def _check_teacher(args, method, what):
         load_checkpoint(args.teacher)
 
 
-def _train(args, cfg):
+def cmd_train(args, cfg):
     from cmcore.evaluation.reports import plot_train_log
     from cmcore.training.distributed import World
     from cmcore.training.loop import train
@@ -89,7 +87,7 @@ def _train(args, cfg):
     return f"wrote {args.out}"
 
 
-def _sample(args, cfg):
+def cmd_sample(args, cfg):
     from cmcore.evaluation.reports import save_grid
     from cmcore.models import pick_device
     from cmcore.sampling.samplers import sample_checkpoint
@@ -136,7 +134,7 @@ def _metrics_of(args, cfg, reference_path):
     return metrics, weights
 
 
-def _evaluate(args, cfg):
+def cmd_evaluate(args, cfg):
     cfg = dag.settings(cfg, "evaluate")
     metrics_of, weights = _metrics_of(args, cfg, args.reference)
     with np.load(args.samples) as f:
@@ -158,7 +156,7 @@ def _evaluate(args, cfg):
     return f"wrote {args.out}: FID {metrics['fid']:.3f}"
 
 
-def _table(args, cfg):
+def cmd_table(args, cfg):
     from cmcore.evaluation.reports import write_table
 
     if args.dry_run:
@@ -171,7 +169,7 @@ def _table(args, cfg):
     return f"wrote {args.out} with {len(df)} rows"
 
 
-def _theorem1(args, cfg):
+def cmd_theorem1(args, cfg):
     from cmcore.experiments.theorem import run_theorem1
 
     cfg = dag.settings(cfg, "theorem1")
@@ -186,7 +184,7 @@ def _theorem1(args, cfg):
     return f"wrote {args.out}/: slopes {slopes}"
 
 
-def _figure4(args, cfg):
+def cmd_figure4(args, cfg):
     from cmcore.evaluation.reports import write_steps_figure
 
     if args.dry_run:
@@ -197,7 +195,7 @@ def _figure4(args, cfg):
     return f"wrote {args.out} and {args.plot}"
 
 
-def _search_tau(args, cfg):
+def cmd_search_tau(args, cfg):
     from cmcore.models import pick_device
     from cmcore.sampling.tau_search import search_checkpoint_taus
     from cmcore.training.checkpoints import load_checkpoint
@@ -224,7 +222,7 @@ def _search_tau(args, cfg):
     return f"wrote {args.out}: taus {', '.join(f'{t:.3g}' for t in taus)}"
 
 
-def _edit(args, cfg):
+def cmd_edit(args, cfg):
     from cmcore.data import load_prepared, to_model_space, to_uint8
     from cmcore.evaluation.reports import save_grid
     from cmcore.experiments.edit_demos import demo
@@ -247,7 +245,7 @@ def _edit(args, cfg):
     return f"wrote {args.out}: rows {', '.join(labels)}"
 
 
-def _ablate(args, cfg):
+def cmd_ablate(args, cfg):
     import pandas as pd
 
     from cmcore.experiments.ablations import score_snapshots
@@ -276,7 +274,7 @@ def _ablate(args, cfg):
     return f"wrote {args.out}: final FID {df['fid'].iloc[-1]:.2f} at {df['iters'].iloc[-1]} it"
 
 
-def _ablation_report(args, cfg):
+def cmd_ablation_report(args, cfg):
     from cmcore.experiments.ablations import write_reports
 
     cfg = dag.settings(cfg, "ablation-report")
@@ -286,7 +284,7 @@ def _ablation_report(args, cfg):
     return f"wrote {', '.join(written)} into {args.out}/ and {args.plots}/"
 
 
-def _bench(args, cfg):
+def cmd_bench(args, cfg):
     from cmcore.experiments.bench import FIGURES, NETS, run_bench
 
     only = args.only.split(",") if args.only else None
@@ -302,7 +300,7 @@ def _bench(args, cfg):
     return f"wrote {args.out}: {timed} timed figures, {len(records) - timed} other lines"
 
 
-def _convert(args, cfg):
+def cmd_convert(args, cfg):
     from cmcore import convert
     from cmcore.training.checkpoints import save_checkpoint
 
@@ -328,130 +326,3 @@ def _convert(args, cfg):
         f"; note: the config's network.arch is {cfg['network']['arch']!r}, students need "
         f"{net['arch']!r}")
     return f"wrote {args.out}: {source} as a {net['arch']} teacher ({size:.1f}M values){note}"
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(prog="cm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name, func, help):
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--config", required=True, help="YAML config (config/config.yaml)")
-        p.add_argument("--out", required=True, help="output file")
-        p.add_argument("--seed", type=int, default=None, help="override the config's seed")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-        p.add_argument("--dry-run", action="store_true", help="validate and describe only")
-        p.set_defaults(func=func)
-        return p
-
-    add("prepare-data", _prepare_data, "load the data set and write it as npz")
-    p = add("train-classifier", _train_classifier, "train the evaluation feature extractor")
-    p.add_argument("--data", required=True)
-    p = add("train", _train, "train the teacher, CD, CT, PD or the untrained baseline")
-    p.add_argument("--method", required=True, choices=dag.METHODS)
-    p.add_argument("--data", required=True)
-    p.add_argument("--teacher", default=None,
-                   help="teacher checkpoint (cd, pd, ect, cd_cont); for --method teacher: a "
-                   "converted teacher to adopt (default: teacher.pretrained)")
-    p.add_argument("--train-log", default=None, help="CSV log (default: beside --out)")
-    p.add_argument("--loss-plot", default=None, help="PNG loss curve (default: beside --out)")
-    p.add_argument("--gpus", type=int, default=1,
-                   help="processes of a data-parallel run under torchrun when > 1")
-    p = add("sample", _sample, "draw samples from a checkpoint (npz arr_0 uint8 NHWC)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--steps", type=int, required=True, help="sampling steps")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of 100 samples")
-    p.add_argument("--taus", default=None, help="JSON of cm search-tau (default: sampling.tau)")
-    p.add_argument("--meta", default=None, help="JSON sidecar (default: --out with .json)")
-    p = add("edit", _edit, "zero-shot editing of data-set images: one PNG grid per task")
-    p.add_argument("--checkpoint", required=True, help="a consistency model")
-    p.add_argument("--data", required=True, help="prepared data set (npz)")
-    p.add_argument("--task", required=True, help="inpaint, superres, colorize, sdedit, ...")
-    p = add("search-tau", _search_tau, "greedy search of the multistep taus on FID (JSON)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="prepared data set (npz)")
-    p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
-    p = add("evaluate", _evaluate, "FID, IS, precision and recall through torch-fidelity")
-    p.add_argument("--samples", required=True)
-    p.add_argument("--meta", default=None, help="sidecar of cm sample (default: beside)")
-    p.add_argument("--reference", required=True, help="prepared data set (npz)")
-    p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
-    p = add("table", _table, "gather metric JSON files into CSV, Markdown and HTML tables")
-    p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
-    p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
-    p.add_argument("--paper-md", default=None, help="also ours beside the paper's (Markdown)")
-    p.add_argument("--paper-html", default=None, help="... and as HTML")
-    p = add("figure4", _figure4, "FID against sampling steps: CSV and Markdown tables, a plot")
-    p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--plot", required=True, help="PNG of FID against steps")
-    p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
-    p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
-    p = add("ablate", _ablate, "train one Fig. 3 ablation run and score its EMA snapshots (CSV)")
-    p.add_argument("--run", required=True, help="e.g. cd-heun-N18-l2, ct-adaptive")
-    p.add_argument("--data", required=True, help="prepared data set (npz)")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (CD runs)")
-    p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
-    p.add_argument("--checkpoint", default=None, help="the run's checkpoint (default: beside)")
-    p.add_argument("--train-log", default=None, help="the run's CSV log (default: beside)")
-    p = add("ablation-report", _ablation_report, "Fig. 3 tables (--out: folder) and plots")
-    p.add_argument("--scores", nargs="+", required=True, help="CSV files of cm ablate")
-    p.add_argument("--plots", required=True, help="folder of the PNG figures")
-    add("theorem1", _theorem1, "Theorem 1 and 2 on an exact Gaussian mixture (--out: folder)")
-    p = add("convert", _convert, "import an NVlabs/edm pickle or an openai state dict as teacher")
-    p.add_argument("--edm-pickle", default=None, help="NVlabs/edm network pickle (.pkl)")
-    p.add_argument("--edm-code", default=None, help="NVlabs/edm checkout (dnnlib, torch_utils)")
-    p.add_argument("--allow-pickle", action="store_true", help="trust the pickle (runs its code)")
-    p.add_argument("--openai", default=None, help="openai/consistency_models state dict (.pt)")
-    p.add_argument("--arch-config", default=None,
-                   help="ADM of the --openai file: imagenet64, lsun256 or a YAML file")
-    p = add("bench", _bench, "time every training and sampling step (--out: JSON lines)")
-    p.add_argument("--net", default="embedded", choices=["embedded", "cifar10"])
-    p.add_argument("--batch", type=int, default=None, help="default: the net's (128 / 512)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=None, help="timed steps (5 CPU, 20 GPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (1 CPU, 3 GPU)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA)")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                   help="TF32 matmuls and convolutions (default: on for CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trained networks")
-    p.add_argument("--lpips", action="store_true", help="also time CD with LPIPS (slow on CPU)")
-    p.add_argument("--classifier", default=None, help="digits classifier (default: random)")
-    p.add_argument("--inception-weights", default=None, help="time Inception features too")
-    p.add_argument("--reference-edm", default=None, help="NVlabs/edm checkout to compare with")
-    p.add_argument("--only", default=None, help="comma-separated figures (default: all)")
-    return parser
-
-
-def torchrun_command(argv, nproc):
-    """The command that reruns ``cm argv`` as ``nproc`` data-parallel processes (torchrun)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "cmcore", *argv]
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    if getattr(args, "gpus", 1) > 1 and "LOCAL_RANK" not in os.environ and not args.dry_run:
-        os.execv(sys.executable, torchrun_command(argv, args.gpus))  # DDP: cmcore.training
-    try:
-        cfg = config_mod.load(args.config)
-        if args.seed is not None:
-            cfg["seed"] = args.seed
-        args.threads = args.threads or cfg["threads"]
-        import torch
-
-        torch.set_num_threads(args.threads)
-        message = args.func(args, cfg)
-    except (config_mod.ConfigError, DataError, CheckpointError, FileNotFoundError,
-            FloatingPointError, ValueError) as e:
-        print(f"cm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-        print(("[dry run] " if args.dry_run else "") + message)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
