@@ -12,8 +12,9 @@ CORES ?= all
 reproduce: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) reproduce_table
 
+# Two pytest workers (pytest-xdist); the tests of the session's tiny run share one.
 test: $(STAMP)
-	$(RUN) python -m pytest -q
+	$(RUN) python -m pytest -q -n 2 --dist loadgroup
 
 # The real single-node Slurm tests (root; Debian's slurm-wlm, installed by .ci/run).
 test-cluster: $(STAMP)

@@ -11,10 +11,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny config of .test/config/config.yaml; its ablations are added only where asked.
-TINY = yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text())
-TINY_ABLATIONS = TINY.pop("ablations")
-TINY_THEOREM1 = TINY.pop("theorem1")
+# The tiny config of .test/config/config.yaml (FULL): the session's tiny run builds all of it;
+# TINY, for the other tests, leaves out the ablations, Theorem 1, the later recipes, the tau
+# search and the edits.
+FULL = yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text())
+OPTIONAL = ("ablations", "theorem1", "ict", "ect", "cd_cont", "ct_cont", "editing")
+TINY = {k: v for k, v in copy.deepcopy(FULL).items() if k not in OPTIONAL}
+del TINY["sampling"]["tau_search"]
 TINY["theorem1"] = {"enabled": False}
 
 
@@ -68,10 +71,11 @@ def snakemake(*args):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """reproduce_table of .test/config/config.yaml (ablations and Theorem 1 included), run
-    once: (config, outdir)."""
+    """reproduce_table and reproduce_extras of .test/config/config.yaml, run once in one DAG:
+    (config, outdir)."""
     tmp = tmp_path_factory.mktemp("tiny")
-    config = tiny_config(tmp, ablations=TINY_ABLATIONS, theorem1=TINY_THEOREM1)
-    r = snakemake("reproduce_table", "--cores", "2", "--configfile", config)
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump({**FULL, "outdir": str(tmp / "results")}))
+    r = snakemake("reproduce_table", "reproduce_extras", "--cores", "2", "--configfile", config)
     assert r.returncode == 0, r.stderr[-3000:]
     return config, tmp / "results"

@@ -12,6 +12,9 @@ from conftest import ROOT, TINY, run, snakemake
 from cmcore import dag
 from cmcore.config import validate
 
+# The tests of the tiny run share one worker under pytest-xdist (one tiny run per session).
+pytestmark = pytest.mark.xdist_group("tiny_run")
+
 
 def planned_jobs(config):
     """{rule: [outputs of each job]} that a dry run of reproduce_table plans for ``config``."""
@@ -71,10 +74,11 @@ def test_resources_threads_and_resume_cadence_rerun_nothing(edited, changes):
 def test_cd_edit_reruns_cd_and_its_downstream_only(edited):
     write, out = edited
     jobs = planned_jobs(write(cd={"iters": 5}))
-    assert set(jobs) == {"train", "sample", "evaluate", "table1", "figure4",
+    assert set(jobs) == {"train", "search_tau", "sample", "evaluate", "table1", "figure4",
                          "reproduce_table"}, jobs
     trained = [o for outputs in jobs["train"] for o in outputs]
     assert trained and all("/runs/cd/" in o for o in trained), trained
+    assert jobs["search_tau"] == [[f"{out}/taus/cd.json"]]
     for rule in ("sample", "evaluate"):
         for outputs in jobs[rule]:
             assert all(re.search(r"/(samples|metrics|plots)/(cd/|samples_cd_)", o)

@@ -45,6 +45,7 @@ def _open_result(driver, category, label):
     rows[0].find_elements(By.TAG_NAME, "a")[0].click()
 
 
+@pytest.mark.xdist_group("tiny_run")
 def test_report_renders_tables_and_images(tiny_run, browser):
     from selenium.webdriver.common.by import By
 

@@ -107,3 +107,19 @@ def test_later_recipes_learn_the_mixture(runs, method):
     train(cfg, method, str(tmp / "data.npz"), str(out), teacher_path=str(tmp / "teacher.pt"),
           echo=lambda s: None)
     assert _on_modes(model_from_checkpoint(load_checkpoint(str(out)))) > ON_MODES[method]
+
+
+def test_training_leaves_the_callers_generator_alone(tmp_path):
+    # The run seeds torch's generator inside a fork: same checkpoint whatever the caller's state,
+    # and the caller's state unchanged afterwards.
+    cfg = validate({**copy.deepcopy(CFG), "teacher": {**CFG["teacher"], "iters": 3}})
+    data = str(tmp_path / "data.npz")
+    save_prepared(data, *load_dataset(cfg["dataset"], seed=0))
+    emas = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        ckpt = train(cfg, "teacher", data, str(tmp_path / f"t{seed}.pt"), echo=lambda s: None)
+        assert torch.equal(torch.get_rng_state(), before)
+        emas.append(ckpt["ema"])
+    assert all(torch.equal(emas[0][k], emas[1][k]) for k in emas[0])

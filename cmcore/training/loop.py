@@ -278,11 +278,16 @@ def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ck
     world = World.from_env()
     if method != "untrained":
         world.check_batch(cfg[section]["batch"], f"{section}.batch")
-    torch.manual_seed(cfg["seed"])
     device = world.start(pick_device(cfg["device"]))
+    cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     try:
-        return _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every, echo,
-                      world, device)
+        # Initialisation, dropout and the losses' draws use torch's generator (torch gives module
+        # initialisation and dropout no generator argument), seeded with the run's seed inside a
+        # fork: the caller's generator state is left as it was.
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg["seed"])
+            return _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
+                          echo, world, device)
     finally:
         world.close()
 
