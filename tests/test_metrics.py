@@ -14,10 +14,10 @@ from cmcore.evaluation.classifier import (
     train_classifier,
 )
 from cmcore.evaluation.metrics import (
+    CLASSIFIER_EXTRACTOR,
     ImagesU8Dataset,
     MetricsError,
     compute_metrics,
-    extract_features,
 )
 from cmcore.threads import torch_threads
 
@@ -117,6 +117,15 @@ def test_checkpoint_roundtrip_and_rejects_other_files(classifier, digits, tmp_pa
 # ----------------------------------------------------------------------------
 # Metrics.
 
+def registered_features(images_u8_nhwc, weights_path):
+    """The classifier's features as torch-fidelity's registered extractor computes them."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    fe = FEATURE_EXTRACTORS_REGISTRY[CLASSIFIER_EXTRACTOR](
+        CLASSIFIER_EXTRACTOR, ["features"], feature_extractor_weights_path=str(weights_path))
+    with torch.no_grad():
+        return fe.eval()(ImagesU8Dataset(images_u8_nhwc).images)[0].numpy()
+
 def test_fid_equals_independent_frechet_distance(classifier, digits):
     path, _ = classifier
     a, b = halves(digits[0])
@@ -130,7 +139,7 @@ def test_fid_equals_independent_frechet_distance(classifier, digits):
                 torch.from_numpy(x).permute(0, 3, 1, 2)))[0].numpy() for x in (samples, reference))
         assert f1.shape[1] == 128
         np.testing.assert_allclose(
-            extract_features(samples, weights_path=path)["features"], f1, rtol=1e-5, atol=1e-6)
+            registered_features(samples, path), f1, rtol=1e-5, atol=1e-6)
         expected = frechet_distance(f1, f2)
         assert m["fid"] == pytest.approx(expected, rel=1e-3), (m["fid"], expected)
 

@@ -46,6 +46,11 @@ def build_parser():
         p.set_defaults(func=func)
         return p
 
+    def tables(p):  # a CSV table (--out) with its Markdown and HTML forms
+        p.add_argument("--metrics", nargs="+", required=True, help="JSON files of cm evaluate")
+        p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
+        p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
+
     add("prepare-data", cmd_prepare_data, "load the data set and write it as npz")
     p = add("train-classifier", cmd_train_classifier, "train the evaluation feature extractor")
     p.add_argument("--data", required=True)
@@ -79,16 +84,12 @@ def build_parser():
     p.add_argument("--reference", required=True, help="prepared data set (npz)")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p = add("table", cmd_table, "gather metric JSON files into CSV, Markdown and HTML tables")
-    p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
-    p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
+    tables(p)
     p.add_argument("--paper-md", default=None, help="also ours beside the paper's (Markdown)")
     p.add_argument("--paper-html", default=None, help="... and as HTML")
     p = add("figure4", cmd_figure4, "FID against sampling steps: CSV and Markdown tables, a plot")
-    p.add_argument("--metrics", nargs="+", required=True)
+    tables(p)
     p.add_argument("--plot", required=True, help="PNG of FID against steps")
-    p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
-    p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
     p = add("ablate", cmd_ablate, "train one Fig. 3 ablation run and score its EMA snapshots (CSV)")
     p.add_argument("--run", required=True, help="e.g. cd-heun-N18-l2, ct-adaptive")
     p.add_argument("--data", required=True, help="prepared data set (npz)")

@@ -238,26 +238,3 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
                            f"weights={os.path.abspath(weights_path)}"),
         feature_layers=layers, prc_neighborhood=prc_neighborhood, isc_splits=isc_splits,
     )
-
-
-def extract_features(images_u8_nhwc, *, extractor="classifier", weights_path, layers=None,
-                     batch_size=500, device="cpu"):
-    """{layer: float32 numpy array (N, D)} from the registered extractor, without computing metrics.
-
-    Useful for independent checks and for reference statistics.
-    """
-    _check_images("images", images_u8_nhwc)
-    check_weights(extractor, weights_path)
-    name = CLASSIFIER_EXTRACTOR if extractor == "classifier" else INCEPTION_EXTRACTOR
-    cls = FEATURE_EXTRACTORS_REGISTRY[name]
-    layers = list(layers or cls.get_provided_features_list())
-    fe = cls(name, layers, feature_extractor_weights_path=os.fspath(weights_path))
-    fe = fe.requires_grad_(False).eval().to(device)
-    data = ImagesU8Dataset(images_u8_nhwc, None if extractor == "classifier" else 3)
-    feats = {k: [] for k in layers}
-    with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            xb = torch.stack([data[j] for j in range(i, min(i + batch_size, len(data)))]).to(device)
-            for k, v in zip(layers, fe(xb), strict=True):
-                feats[k].append(v.cpu())
-    return {k: torch.cat(v).numpy() for k, v in feats.items()}

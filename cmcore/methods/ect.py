@@ -28,8 +28,8 @@ import math
 import torch
 
 from cmcore.diffusion.precond import ConsistencyFunction, _per_sample
-from cmcore.diffusion.rng import same_randomness
 from cmcore.methods.distances import pseudo_huber
+from cmcore.methods.ict import stopgrad_pair
 
 # ECT's CIFAR-10 distance: sqrt(||x - y||^2 + c^2) - c with c = 0, the plain l2 norm.
 ECT_DISTANCE = functools.partial(pseudo_huber, c=0.0)
@@ -102,17 +102,8 @@ def ect_loss(
     weight = (1 / (t64 - r64)).to(x0.device, x0.dtype)
     t, r = t64.to(x0.device, x0.dtype), r64.to(x0.device, x0.dtype)
 
-    # One noise direction for both points.
-    z = torch.randn_like(x0)
-    x_t = x0 + _per_sample(t, x0) * z
-    x_r = x0 + _per_sample(r, x0) * z
-
-    # Student with gradient; teacher = the same network, no gradient, same dropout masks.
-    def target():
-        with torch.no_grad():
-            return f(x_r, r)
-
-    f_t, f_r = same_randomness(x0.device, lambda: f(x_t, t), target)
+    # One noise direction for both points; the teacher is the student without gradient.
+    f_t, f_r, x_r = stopgrad_pair(f, x0, t, r)
     # r clamped to eps: the boundary condition gives the target exactly.
     at_boundary = _per_sample((r64 <= eps).to(x0.device), x0) > 0
     f_r = torch.where(at_boundary, x_r, f_r)

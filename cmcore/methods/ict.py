@@ -66,15 +66,21 @@ def ict_loss(f, x0, N, eps=0.002, T=80.0, rho=7.0, P_mean=-1.1, P_std=2.0, dista
     weight = ict_weighting(t64[n], t64[n + 1]).to(x0.dtype)  # the gap taken in float64
     t_n, t_n1 = t64[n].to(x0.dtype), t64[n + 1].to(x0.dtype)
 
-    # One z for both points of the pair (the unbiased CT estimate of the ODE step).
-    z = torch.randn_like(x0)
-    x_n = x0 + _per_sample(t_n, x0) * z
-    x_n1 = x0 + _per_sample(t_n1, x0) * z
+    f_n1, f_n, _ = stopgrad_pair(f, x0, t_n1, t_n)
+    return (weight * distance(f_n1, f_n)).mean()
 
-    # Student with gradient; teacher = the same network, no gradient, same dropout masks.
+
+def stopgrad_pair(f, x0, t, s):
+    """(f_theta(x0 + t z, t), stopgrad f_theta(x0 + s z, s), x0 + s z) with one z ~ N(0, I) for
+    both points (the unbiased CT estimate of the ODE step) and the same dropout masks: the
+    student and its theta^- = stopgrad(theta) teacher in iCT and ECT."""
+    z = torch.randn_like(x0)
+    x_t = x0 + _per_sample(t, x0) * z
+    x_s = x0 + _per_sample(s, x0) * z
+
     def target():
         with torch.no_grad():
-            return f(x_n, t_n)
+            return f(x_s, s)
 
-    f_n1, f_n = same_randomness(x0.device, lambda: f(x_n1, t_n1), target)
-    return (weight * distance(f_n1, f_n)).mean()
+    f_t, f_s = same_randomness(x0.device, lambda: f(x_t, t), target)
+    return f_t, f_s, x_s
