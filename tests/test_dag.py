@@ -13,7 +13,7 @@ from cmcore import dag
 from cmcore.config import validate
 
 # The tests of the tiny run share one worker under pytest-xdist (one tiny run per session).
-pytestmark = pytest.mark.xdist_group("tiny_run")
+TINY_RUN = pytest.mark.xdist_group("tiny_run")
 
 
 def planned_jobs(config):
@@ -54,6 +54,7 @@ def edited(tiny_run):
     yield write, out
 
 
+@TINY_RUN
 def test_theorem1_edit_reruns_theorem1_only(edited):
     write, out = edited
     jobs = planned_jobs(write(theorem1={"N_gap": [8, 32]}))
@@ -61,6 +62,7 @@ def test_theorem1_edit_reruns_theorem1_only(edited):
     assert len(jobs["theorem1"]) == 1
 
 
+@TINY_RUN
 @pytest.mark.parametrize("changes", [
     {"resources": {"train": {"mem_mb": 9999, "runtime": 600}, "light": {"mem_mb": 123}}},
     {"threads": 2},
@@ -71,6 +73,7 @@ def test_resources_threads_and_resume_cadence_rerun_nothing(edited, changes):
     assert planned_jobs(write(**changes)) == {}
 
 
+@TINY_RUN
 def test_cd_edit_reruns_cd_and_its_downstream_only(edited):
     write, out = edited
     jobs = planned_jobs(write(cd={"iters": 5}))
