@@ -12,9 +12,10 @@ CORES ?= all
 reproduce: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) reproduce_table
 
-# Two pytest workers (pytest-xdist); the tests of the session's tiny run share one.
+# Two pytest workers (pytest-xdist), a test file per worker at a time: the tests of the
+# session's tiny run (tests/test_tiny_run.py) share one worker, and one tiny run.
 test: $(STAMP)
-	$(RUN) python -m pytest -q -n 2 --dist loadgroup
+	$(RUN) python -m pytest -q -n 2 --dist loadfile
 
 # The real single-node Slurm tests (root; Debian's slurm-wlm, installed by .ci/run).
 test-cluster: $(STAMP)

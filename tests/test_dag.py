@@ -1,92 +1,15 @@
-"""Rerun scope: after a complete run of the tiny DAG, an edit reruns the steps whose settings it
-changes and what reads their outputs, nothing else; the DAG is built without torch."""
+"""The settings each DAG step depends on (cmcore.dag): the views themselves, the resume identity
+that uses them, and a DAG built without torch. What an edit reruns on a complete run:
+tests/test_tiny_run.py."""
 
 import copy
-import re
 import sys
 
 import pytest
-import yaml
-from conftest import ROOT, TINY, run, snakemake
+from conftest import ROOT, TINY, run
 
 from cmcore import dag
 from cmcore.config import validate
-
-# The tests of the tiny run share one worker under pytest-xdist (one tiny run per session).
-TINY_RUN = pytest.mark.xdist_group("tiny_run")
-
-
-def planned_jobs(config):
-    """{rule: [outputs of each job]} that a dry run of reproduce_table plans for ``config``."""
-    r = snakemake("reproduce_table", "-n", "--configfile", config)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    text = r.stdout + r.stderr
-    if "Nothing to be done" in text:
-        return {}
-    jobs = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text)[1:]:
-        rule = re.match(r"(?:local)?rule (\w+):", block)[1]
-        outputs = re.search(r"\n\s+output: (.*)", block)
-        jobs.setdefault(rule, []).append(outputs[1].split(", ") if outputs else [])
-    return jobs
-
-
-@pytest.fixture
-def edited(tiny_run):
-    """Write the tiny run's config with one edit (section -> dict, or key -> value) to a new
-    file; the tiny run's own config file is left as it was."""
-    config, out = tiny_run
-    original = yaml.safe_load(config.read_text())
-    paths = []
-
-    def write(**changes):
-        cfg = copy.deepcopy(original)
-        for key, value in changes.items():
-            if isinstance(value, dict):
-                cfg[key] = {**cfg.get(key, {}), **value}
-            else:
-                cfg[key] = value
-        path = config.parent / f"edited{len(paths)}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        paths.append(path)
-        return path
-
-    yield write, out
-
-
-@TINY_RUN
-def test_theorem1_edit_reruns_theorem1_only(edited):
-    write, out = edited
-    jobs = planned_jobs(write(theorem1={"N_gap": [8, 32]}))
-    assert set(jobs) == {"theorem1", "reproduce_table"}, jobs
-    assert len(jobs["theorem1"]) == 1
-
-
-@TINY_RUN
-@pytest.mark.parametrize("changes", [
-    {"resources": {"train": {"mem_mb": 9999, "runtime": 600}, "light": {"mem_mb": 123}}},
-    {"threads": 2},
-    {"cd": {"ckpt_every": 7}},
-])
-def test_resources_threads_and_resume_cadence_rerun_nothing(edited, changes):
-    write, out = edited
-    assert planned_jobs(write(**changes)) == {}
-
-
-@TINY_RUN
-def test_cd_edit_reruns_cd_and_its_downstream_only(edited):
-    write, out = edited
-    jobs = planned_jobs(write(cd={"iters": 5}))
-    assert set(jobs) == {"train", "search_tau", "sample", "evaluate", "table1", "figure4",
-                         "reproduce_table"}, jobs
-    trained = [o for outputs in jobs["train"] for o in outputs]
-    assert trained and all("/runs/cd/" in o for o in trained), trained
-    assert jobs["search_tau"] == [[f"{out}/taus/cd.json"]]
-    for rule in ("sample", "evaluate"):
-        for outputs in jobs[rule]:
-            assert all(re.search(r"/(samples|metrics|plots)/(cd/|samples_cd_)", o)
-                       for o in outputs), outputs
-    assert not any("teacher" in o for outputs in jobs["train"] for o in outputs)
 
 
 def test_the_dag_is_built_without_torch(tiny):
