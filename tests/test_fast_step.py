@@ -329,3 +329,34 @@ def test_compile_runs_the_online_network_compiled(setup, tmp_path, monkeypatch):
     assert losses == plain_losses
     a, b = states(with_compile), states(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("exact, torch_cls", [(fast.ExactAdam, torch.optim.Adam),
+                                              (fast.ExactRAdam, torch.optim.RAdam)])
+def test_foreach_optimizers_are_torchs_loop_bitwise(exact, torch_cls):
+    # RAdam's first steps (rho_k <= 5) and later ones, a changing lr, gradients over six orders
+    # of magnitude, and a parameter without a gradient for a while (its own step count).
+    torch.manual_seed(0)
+    net = make_model({"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2],
+                      "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
+                      "img_resolution": 8, "in_channels": 1}, "consistency",
+                     {"sigma_data": 0.5, "sigma_min": 0.002})
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    ours, theirs = exact(a.parameters(), lr=1e-3), torch_cls(b.parameters(), lr=1e-3,
+                                                            foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for k in range(40):
+        for i, (p, q) in enumerate(zip(a.parameters(), b.parameters(), strict=True)):
+            grad = torch.randn(p.shape, generator=g) * 10.0 ** (k % 6 - 4)
+            p.grad, q.grad = (None, None) if i == 0 and k < 10 else (grad, grad.clone())
+        for opt in (ours, theirs):
+            opt.param_groups[0]["lr"] = 1e-3 * (1 - k / 40)
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
+    assert ours.state_dict()["param_groups"][0].keys() == \
+        theirs.state_dict()["param_groups"][0].keys()
+    with pytest.raises(ValueError, match="default options only"):
+        exact(a.parameters(), lr=1e-3, weight_decay=0.1)
