@@ -1,6 +1,7 @@
 """The Snakemake DAG: dry run and lint are clean, bad configs stop before any job, and the real
 DAG runs end to end on a tiny config and writes a table of finite numbers."""
 
+import re
 import sys
 
 import pytest
@@ -63,3 +64,18 @@ def test_training_with_several_gpus_launches_torchrun(tmp_path):
     assert torchrun_command(argv, 4) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
         "-m", "cmcore", *argv]
+
+
+def test_shown_commands_put_the_target_before_configfile():
+    # --configfile takes several values: a target after it would be read as a config file.
+    shown = [ROOT / "README.md", ROOT / "slurm" / "config.yaml", ROOT / ".test/config/config.yaml",
+             *sorted((ROOT / "config").glob("*.yaml"))]
+    commands = [c for path in shown for c in re.findall(r"snakemake [^`\n]*", path.read_text())]
+    assert len(commands) >= 8
+    for command in commands:
+        tokens = command.split()
+        if "--configfile" in tokens:
+            after = tokens[tokens.index("--configfile") + 1:]
+            values = after[: next((i for i, t in enumerate(after) if t.startswith("-")),
+                                  len(after))]
+            assert values and all(v.endswith(".yaml") for v in values), command
