@@ -335,7 +335,7 @@ def test_compile_runs_the_online_network_compiled(setup, tmp_path, monkeypatch):
                                               (fast.ExactRAdam, torch.optim.RAdam)])
 def test_foreach_optimizers_are_torchs_loop_bitwise(exact, torch_cls):
     # RAdam's first steps (rho_k <= 5) and later ones, a changing lr, gradients over six orders
-    # of magnitude, and a parameter without a gradient for a while (its own step count).
+    # of magnitude, a parameter without a gradient for a while (its own step count), a resume.
     torch.manual_seed(0)
     net = make_model({"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2],
                       "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
@@ -352,6 +352,8 @@ def test_foreach_optimizers_are_torchs_loop_bitwise(exact, torch_cls):
         for opt in (ours, theirs):
             opt.param_groups[0]["lr"] = 1e-3 * (1 - k / 40)
             opt.step()
+        if k == 20:  # a resume: our flat moment buffers rebuilt from a loaded state dict
+            ours.load_state_dict(copy.deepcopy(ours.state_dict()))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
         for key in ("step", "exp_avg", "exp_avg_sq"):

@@ -2,9 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
-from cmcore.sampling.tau_search import greedy_tau_search
+from cmcore.models import make_model
+from cmcore.sampling.samplers import sample_checkpoint
+from cmcore.sampling.tau_search import greedy_tau_search, search_checkpoint_taus
 
 
 class Score:
@@ -60,3 +64,27 @@ def test_bad_arguments():
         greedy_tau_search(Score([1.0]), 1, space="cubic")
     with pytest.raises(ValueError, match="iters"):
         greedy_tau_search(Score([1.0]), 1, iters=0)
+
+
+def test_checkpoint_search_scores_the_images_of_sample_checkpoint_bitwise():
+    # The search runs Algorithm 1's prefix once per tau; every candidate's images must still be
+    # those sample_checkpoint draws for the same taus (three batches, the last one partial).
+    torch.manual_seed(0)
+    net = {"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+           "attn_resolutions": [4], "dropout": 0.0, "img_resolution": 8, "in_channels": 1}
+    diffusion = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0}
+    model = make_model(net, "consistency", diffusion)
+    ckpt = {"method": "ct", "kind": "consistency", "net": net, "config": {"diffusion": diffusion},
+            "ema": model.state_dict(), "train_iters": 0}
+    seen = {}
+
+    def fid(images):  # any function of the images; record them
+        seen[len(seen)] = images
+        return float(np.abs(images.astype(float) - 100.0).mean())
+    _, trace = search_checkpoint_taus(ckpt, 2, fid, num_samples=10, batch=4, seed=3,
+                                      device="cpu", iters=2)
+    assert len(seen) == 2 * 2 * 2 and len({t for t, _ in trace}) == len(seen)
+    for i, (taus, score) in enumerate(dict.fromkeys(trace)):
+        images, _ = sample_checkpoint(ckpt, len(taus) + 1, 10, 4, 3, "cpu", taus)
+        assert np.array_equal(seen[i], images) and fid(images) == score
+    assert not np.array_equal(seen[0], seen[1])  # the candidates' images differ: it can fail

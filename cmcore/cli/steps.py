@@ -115,7 +115,8 @@ def cmd_sample(args, cfg):
 
 
 def _metrics_of(args, cfg, reference_path):
-    """(metrics(images) -> torch-fidelity's dict, extractor weights) against the reference."""
+    """(metrics(images, fid_only=False) -> compute_metrics's dict, extractor weights) against the
+    reference."""
     from cmcore.data import load_prepared
     from cmcore.evaluation.metrics import compute_metrics
     from cmcore.models import pick_device
@@ -127,10 +128,10 @@ def _metrics_of(args, cfg, reference_path):
         raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings)")
     reference, _ = load_prepared(reference_path)
 
-    def metrics(images):
+    def metrics(images, fid_only=False):
         return compute_metrics(images, reference, extractor=ev["feature_extractor"],
                                weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
-                               device=pick_device(cfg["device"]))
+                               device=pick_device(cfg["device"]), fid_only=fid_only)
     return metrics, weights
 
 
@@ -211,8 +212,9 @@ def cmd_search_tau(args, cfg):
     smp, ts = cfg["sampling"], cfg["sampling"]["tau_search"]
     n_taus = max(set(smp["steps"]) | set(smp["curve_steps"])) - 1
     taus, trace = search_checkpoint_taus(
-        ckpt, n_taus, lambda images: metrics_of(images)["fid"], num_samples=ts["num_samples"],
-        batch=smp["batch"], seed=ts["seed"], device=pick_device(cfg["device"]), iters=ts["iters"])
+        ckpt, n_taus, lambda images: metrics_of(images, fid_only=True)["fid"],
+        num_samples=ts["num_samples"], batch=smp["batch"], seed=ts["seed"],
+        device=pick_device(cfg["device"]), iters=ts["iters"])
     record = {"taus": taus, "method": ckpt["method"], "checkpoint": args.checkpoint,
               "search": ts, "score": "FID",
               "trace": [{"taus": list(t), "fid": v} for t, v in trace],

@@ -179,14 +179,15 @@ def check_weights(extractor, weights_path):
 
 def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier", weights_path,
                     device="cpu", prc_neighborhood=3, isc_splits=10, batch_size=None, seed=2020,
-                    num_threads=None):
+                    num_threads=None, fid_only=False):
     """FID(samples, reference), IS(samples), precision and recall in one torch-fidelity call.
 
     ``samples`` is torch-fidelity's input1 (generated) and ``reference`` its input2 (real): IS is
     computed on the samples only; precision asks whether samples fall on the reference manifold.
     The reference's features are cached for the rest of the process (in a temporary folder).
     ``seed`` fixes the shuffling before the IS splits; ``num_threads`` (None: unchanged) sets
-    torch's intra-op threads for the call.
+    torch's intra-op threads for the call. ``fid_only``: FID alone (the same number; IS and
+    precision/recall, not computed, are NaN), as the tau search scores its candidates.
     Returns a plain dict with fid, isc_mean, isc_std, precision, recall, f_score, num_samples,
     num_reference, feature_extractor (name, layers and weights path) and the layer names used.
     """
@@ -216,7 +217,7 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
         out = torch_fidelity.calculate_metrics(
             input1=ImagesU8Dataset(samples_u8_nhwc, channels),
             input2=ImagesU8Dataset(reference_u8_nhwc, channels),
-            isc=True, fid=True, prc=True, kid=False, ppl=False,
+            isc=not fid_only, fid=True, prc=not fid_only, kid=False, ppl=False,
             feature_extractor=name, feature_extractor_weights_path=os.fspath(weights_path),
             feature_layer_isc=layers["isc"], feature_layer_fid=layers["fid"],
             feature_layer_prc=layers["prc"],
@@ -226,13 +227,14 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
             input2_cache_name=_reference_cache_name(reference_u8_nhwc, name, weights_path),
             verbose=False,
         )
+    nan = float("nan")
     return dict(
         fid=float(out[torch_fidelity.KEY_METRIC_FID]),
-        isc_mean=float(out[torch_fidelity.KEY_METRIC_ISC_MEAN]),
-        isc_std=float(out[torch_fidelity.KEY_METRIC_ISC_STD]),
-        precision=float(out[torch_fidelity.KEY_METRIC_PRECISION]),
-        recall=float(out[torch_fidelity.KEY_METRIC_RECALL]),
-        f_score=float(out[torch_fidelity.KEY_METRIC_F_SCORE]),
+        isc_mean=float(out.get(torch_fidelity.KEY_METRIC_ISC_MEAN, nan)),
+        isc_std=float(out.get(torch_fidelity.KEY_METRIC_ISC_STD, nan)),
+        precision=float(out.get(torch_fidelity.KEY_METRIC_PRECISION, nan)),
+        recall=float(out.get(torch_fidelity.KEY_METRIC_RECALL, nan)),
+        f_score=float(out.get(torch_fidelity.KEY_METRIC_F_SCORE, nan)),
         num_samples=num_samples, num_reference=num_reference,
         feature_extractor=(f"{name} (fid/prc: {layers['fid']}, isc: {layers['isc']}) "
                            f"weights={os.path.abspath(weights_path)}"),

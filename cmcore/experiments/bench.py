@@ -50,7 +50,7 @@ from cmcore.models import make_model
 from cmcore.networks import ARCHS, build_network
 from cmcore.sampling.samplers import consistency_sample
 from cmcore.training import fast
-from cmcore.training.loop import TrainStep
+from cmcore.training.loop import TrainStep, target_update
 
 # Backbone arguments and default batch of each named benchmark network (arch "ddpmpp").
 NETS = {
@@ -209,11 +209,7 @@ class Bench:
             target = None
             if spec.target:
                 target = copy.deepcopy(model).eval().requires_grad_(False)
-
-                def after(k, stats):  # theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
-                    with torch.no_grad():
-                        torch._foreach_lerp_(list(target.parameters()),
-                                             list(model.parameters()), 1 - stats["mu"])
+                after = target_update(target, model)
             context = registry.Context(model, target, teacher, batch, self.grid, distance, sd)
             loss_fn = spec.build(opt, context)
             if method == "cd":

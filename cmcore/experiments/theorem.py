@@ -28,7 +28,7 @@ from cmcore.methods.distances import l2
 from cmcore.methods.registry import METHODS, Context
 from cmcore.networks import build_network
 from cmcore.threads import torch_threads
-from cmcore.training.loop import CSVLog, fit
+from cmcore.training.loop import CSVLog, fit, target_update
 
 
 class GridError(NamedTuple):
@@ -158,11 +158,7 @@ def train_cd_exact(gm, solver, N, train, *, seed, eps, T, rho):
         target, after = f, None
         if mu > 0:
             target = copy.deepcopy(f).requires_grad_(False)
-
-            def after(k, stats):
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(target.parameters()), list(f.parameters()),
-                                         1 - stats["mu"])
+            after = target_update(target, f)
         context = Context(f, target, teacher, lambda n: gm.sample(n, g).float(),
                           dict(eps=eps, T=T, rho=rho), l2, f.sigma_data)
         fit(f, METHODS["cd"].build(opt, context), opt, CSVLog(None), after,

@@ -16,11 +16,20 @@ def consistency_sample(f, z, taus=(), eps=0.002, T=80.0, generator=None):
     """
     x = f(z * T, T)
     for tau in taus:
-        # Re-noise to tau_n, then map back to the trajectory's origin.
-        xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x_hat = x + (tau**2 - eps**2) ** 0.5 * xi
-        x = f(x_hat, tau)
+        x = renoise_denoise(f, x, draw_xi(x, generator), tau, eps)
     return x
+
+
+def draw_xi(x, generator):
+    """xi ~ N(0, I) shaped as ``x``: Algorithm 1's noise of one step."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+@torch.no_grad()
+def renoise_denoise(f, x, xi, tau, eps=0.002):
+    """Algorithm 1's step: re-noise x to tau_n with xi, then map back to the trajectory's origin:
+    f(x + sqrt(tau_n^2 - eps^2) xi, tau_n)."""
+    return f(x + (tau**2 - eps**2) ** 0.5 * xi, tau)
 
 
 @torch.no_grad()
@@ -51,6 +60,24 @@ def training_distance(ckpt):
     return name
 
 
+def noise_batches(ckpt, num_samples, batch, generator):
+    """The initial noise z of ``num_samples`` samples, ``batch`` at a time, in the shape of the
+    checkpoint's data; drawn lazily, so the draws of each batch's sampler come in between."""
+    net = ckpt["net"]
+    shape = (net["in_channels"],) + (net["img_resolution"],) * 2 if "img_resolution" in net \
+        else (net["in_channels"],)
+    for start in range(0, num_samples, batch):
+        n = min(batch, num_samples - start)
+        yield torch.randn(n, *shape, generator=generator, device=generator.device)
+
+
+def to_numpy(x):
+    """Samples as numpy: uint8 NHWC images, or float points (the 2-D data sets)."""
+    from cmcore.data import to_uint8
+
+    return to_uint8(x) if x.ndim == 4 else x.float().cpu().numpy()
+
+
 def sample_checkpoint(ckpt, steps, num_samples, batch, seed, device, taus=()):
     """Draw ``num_samples`` samples from a checkpoint with ``steps`` steps, ``batch`` at a time,
     all noise from one generator seeded with ``seed``.
@@ -59,7 +86,6 @@ def sample_checkpoint(ckpt, steps, num_samples, batch, seed, device, taus=()):
     consistency models with the ``steps - 1`` intermediate times ``taus``, DDIM with the
     matching stage for PD. Returns (uint8 NHWC images, metadata with the sampler, NFE and taus).
     """
-    from cmcore.data import to_uint8
     from cmcore.diffusion.solvers import edm_sampler, edm_sampler_nfe
     from cmcore.models import model_from_checkpoint
 
@@ -89,15 +115,7 @@ def sample_checkpoint(ckpt, steps, num_samples, batch, seed, device, taus=()):
 
         def run(z):
             return consistency_sample(model, z, taus, generator=generator, **grid)
-    net = ckpt["net"]
-    shape = (net["in_channels"],) + (net["img_resolution"],) * 2 if "img_resolution" in net \
-        else (net["in_channels"],)
-    chunks, left = [], num_samples
-    while left > 0:
-        n = min(left, batch)
-        x = run(torch.randn(n, *shape, generator=generator, device=device))
-        chunks.append(to_uint8(x) if x.ndim == 4 else x.float().cpu().numpy())
-        left -= n
+    chunks = [to_numpy(run(z)) for z in noise_batches(ckpt, num_samples, batch, generator)]
     meta = {"method": method, "steps": steps, "nfe": nfe, "sampler": sampler, "taus": taus,
             "num_samples": num_samples, "seed": seed,
             "train_iters": ckpt.get("train_iters"), "distance": training_distance(ckpt)}

@@ -12,7 +12,8 @@ Each tau costs 2 * iters score calls, two per ternary step; the chosen tau is th
 point of the last step, so its score is already known.
 
 API:
-    search_checkpoint_taus(ckpt, cfg, reference, weights) -> (taus, trace)   FID-scored search
+    search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, device, iters)
+        -> (taus, trace): the search of a checkpoint's taus, each scored by fid(images)
     greedy_tau_search(score_fn, n_taus, lo=0.002, hi=80.0, iters=10, space='karras', rho=7.0,
                       cache=None) -> (taus, trace)
         taus:  [tau_1, ..., tau_n], strictly decreasing
@@ -75,14 +76,44 @@ def search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, devic
     """The greedy search of ``n_taus`` taus for a consistency-model checkpoint, each candidate
     scored by ``fid(images)`` of ``num_samples`` samples drawn with the search's own ``seed``
     (not the evaluation's, so the reported FID is not the one the search minimised). The taus
-    of n steps are the first n - 1 (greedy: a prefix never changes with more steps)."""
-    from cmcore.sampling.samplers import sample_checkpoint
+    of n steps are the first n - 1 (greedy: a prefix never changes with more steps).
+
+    The images of (tau_1, ..., tau_i) are those of sample_checkpoint with these taus, bitwise,
+    but Algorithm 1's steps before tau_i, the same for every candidate tau_i, run once: per
+    batch, the state after tau_{i-1} and the noise xi of the last step are kept while tau_i is
+    searched, and each candidate costs one network evaluation."""
+    import numpy as np
+    import torch
+
+    from cmcore.models import model_from_checkpoint
+    from cmcore.sampling.samplers import (
+        consistency_sample,
+        draw_xi,
+        noise_batches,
+        renoise_denoise,
+        to_numpy,
+    )
 
     d = ckpt["config"]["diffusion"]
+    eps, T = d["sigma_min"], d["sigma_max"]
+    model = model_from_checkpoint(ckpt).to(device)
+    prefix = {}  # (tau_1, ..., tau_{i-1}) -> per batch (x after tau_{i-1}, xi of step i)
+
+    def states(head):
+        # Algorithm 1 up to tau_{i-1}, drawing z and xi as sample_checkpoint does.
+        generator = torch.Generator(device).manual_seed(seed)
+        out = []
+        for z in noise_batches(ckpt, num_samples, batch, generator):
+            x = consistency_sample(model, z, head, eps, T, generator)
+            out.append((x, draw_xi(x, generator)))
+        return out
 
     def score(taus):
-        images, _ = sample_checkpoint(ckpt, len(taus) + 1, num_samples, batch, seed, device,
-                                      taus)
-        return fid(images)
-    return greedy_tau_search(score, n_taus, lo=d["sigma_min"], hi=d["sigma_max"], iters=iters,
-                             rho=d["rho"])
+        *head, tau = taus
+        if tuple(head) not in prefix:
+            prefix.clear()  # greedy: an earlier prefix is never searched again
+            prefix[tuple(head)] = states(head)
+        images = [to_numpy(renoise_denoise(model, x, xi, tau, eps))
+                  for x, xi in prefix[tuple(head)]]
+        return fid(np.concatenate(images))
+    return greedy_tau_search(score, n_taus, lo=eps, hi=T, iters=iters, rho=d["rho"])

@@ -161,6 +161,17 @@ class TrainStep:
         return loss, stats, lr
 
 
+def target_update(target, model):
+    """after_step(k, stats) for ``fit``: theta^- <- stopgrad(mu theta^- + (1 - mu) theta), mu =
+    stats["mu"], over parameter lists taken once."""
+    target_params, params = list(target.parameters()), list(model.parameters())
+
+    def after(k, stats):
+        with torch.no_grad():
+            torch._foreach_lerp_(target_params, params, 1 - stats["mu"])
+    return after
+
+
 def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=None,
         start=None, world=None):
     """Run ``opt['iters']`` steps of loss_fn(k) -> (loss, stats); return (ema, optimizer,
@@ -358,12 +369,7 @@ def _train_single(method, run):
         if run.start is not None:
             target.load_state_dict(run.start["target"])
         run.resume.extra = lambda: {"target": target.state_dict()}
-
-        def after(k, stats):
-            # theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
-                                     1 - stats["mu"])
+        after = target_update(target, model)
     if "distance" in opt:
         distance = get_distance(opt["distance"], **run.cfg.get("distance_options", {}))
         distance = distance.to(run.device) if hasattr(distance, "to") else distance
