@@ -1,17 +1,22 @@
-"""Configuration: load a YAML file, validate it against the JSON schema, fill defaults, and
-check what a schema cannot say. Every problem is one line naming the key and the fix."""
+"""Configuration: read a YAML file strictly, validate it against the JSON schema, fill
+defaults, and check what a schema cannot say (cmcore.config_rules). Every problem is one line
+naming the key (or the file, line and column) and the fix."""
 
 import contextlib
 import copy
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import yaml
 
+from cmcore.config_rules import non_finite, semantic_error, unused_key
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+_FastLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # PyYAML's safe loader, in C
 
 
 class ConfigError(Exception):
@@ -47,98 +52,97 @@ def _fill_defaults(node, schema, root):
             _fill_defaults(node[name], sub, root)
 
 
+def _is_integer(checker, value):
+    """JSON Schema's integer, but only an int: 20.0 is refused where a count is meant."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _schema_error(config, schema):
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(schema)
+    base = jsonschema.Draft202012Validator
+    strict = jsonschema.validators.extend(
+        base, type_checker=base.TYPE_CHECKER.redefine("integer", _is_integer))
+    validator = strict(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
         return None
     if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        return f"{_key(error.absolute_path)}: {error.message}; remove or rename the key"
+        names = re.findall(r"'([^']+)'", error.message.split("(", 1)[-1])
+        key = _key([*error.absolute_path, names[0]]) if names else _key(error.absolute_path)
+        return f"{key}: unknown key; remove or rename it (config/README.md lists every key)"
     return f"{_key(error.absolute_path)}: {error.message}"
-
-
-def _check_semantics(cfg):
-    """Rules the schema cannot express."""
-    ct, smp = cfg["ct"], cfg["sampling"]
-    if ct["s1"] <= ct["s0"]:
-        return f"ct.s1 = {ct['s1']} must be greater than ct.s0 = {ct['s0']}"
-    if cfg["ablations"]["ict"] and "ict" not in cfg:
-        return "ablations.ict: an iCT curve needs an ict section (see config/config.yaml)"
-    s1 = cfg["ablations"]["ct"]["s1"]
-    if s1 is not None and s1 <= ct["s0"]:
-        return f"ablations.ct.s1 = {s1} must be greater than ct.s0 = {ct['s0']}"
-    d = cfg["diffusion"]
-    if d["sigma_max"] <= d["sigma_min"]:
-        return "diffusion.sigma_max must be greater than diffusion.sigma_min"
-    start = cfg["pd"]["start_steps"]
-    if start & (start - 1):
-        return f"pd.start_steps = {start} must be a power of two (PD halves it down to 1)"
-    all_steps = sorted(set(smp["steps"]) | set(smp["curve_steps"]))
-    for n in [] if smp["tau_search"]["enabled"] else all_steps:
-        taus = smp["tau"].get(str(n), [] if n == 1 else None)
-        if taus is None:
-            return f"sampling.tau: no intermediate times for {n}-step sampling; add '{n}': [...]"
-        if len(taus) != n - 1:
-            return f"sampling.tau.{n}: needs {n - 1} times, got {len(taus)}"
-        inside = not taus or d["sigma_min"] < taus[-1] <= taus[0] < d["sigma_max"]
-        if any(a <= b for a, b in zip(taus, taus[1:], strict=False)) or not inside:
-            return f"sampling.tau.{n}: times must decrease strictly within (sigma_min, sigma_max)"
-    if max(all_steps) > start // 2 or any(n & (n - 1) for n in all_steps):
-        return (f"sampling: PD students sample with powers of two up to pd.start_steps / 2 = "
-                f"{start // 2}; raise pd.start_steps or drop the larger step counts")
-    pretrained = cfg["teacher"]["pretrained"]
-    if pretrained and not os.path.isfile(pretrained):
-        return (f"teacher.pretrained: {pretrained!r} not found; write it with `cm convert` or "
-                "remove the key to train the teacher")
-    ds, ev = cfg["dataset"], cfg["evaluation"]
-    if ds["name"] == "cifar10" and not (ds["path"] and os.path.isfile(ds["path"])):
-        return (f"dataset.path: CIFAR-10 tarball not found at {ds['path']!r}; download "
-                "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/ and set the path")
-    exists = {"npz": os.path.isfile, "image_folder": os.path.isdir}.get(ds["name"])
-    if exists and not (ds["path"] and exists(ds["path"])):
-        what = "npz file" if ds["name"] == "npz" else "image folder"
-        return (f"dataset.path: {what} not found at {ds['path']!r}; set dataset.path to the "
-                "training images (layouts: cmcore/data.py, config/imagenet64.yaml)")
-    if ds["name"] == "image_folder" and not ds.get("resolution"):
-        return "dataset.resolution: an image_folder data set needs the image side (e.g. 64)"
-    if ev["feature_extractor"] == "inception" and not (
-        ev["inception_weights"] and os.path.isfile(ev["inception_weights"])
-    ):
-        return (f"evaluation.inception_weights: file not found ({ev['inception_weights']!r}); get "
-                "weights-inception-2015-12-05-6726825d.pth from the torch-fidelity releases")
-    if ev["feature_extractor"] == "classifier" and ds["name"] != "digits":
-        return "evaluation.feature_extractor: 'classifier' is trained on digits only; use inception"
-    return None
 
 
 def validate(config):
     """Return a validated copy of ``config`` with defaults filled; raise ConfigError if bad."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = yaml.load(SCHEMA_PATH.read_text(), Loader=_FastLoader)  # noqa: S506
     if not isinstance(config, dict):
         raise ConfigError("the config file must hold a YAML mapping of keys to values")
-    message = _schema_error(config, schema)
+    bad = non_finite(config)
+    if bad:
+        raise ConfigError(f"{bad}: not a finite number (NaN or infinity); write a number")
+    defaults = {section: {k: v["default"] for k, v in
+                          _properties(schema["properties"][section], schema).items()
+                          if "default" in v} for section in ("dataset", "network")}
+    message = _schema_error(config, schema) or unused_key(config, defaults)
     if message is not None:
         raise ConfigError(message)
     cfg = copy.deepcopy(config)
     _fill_defaults(cfg, schema, schema)
-    message = _check_semantics(cfg)
+    message = semantic_error(cfg)
     if message is not None:
         raise ConfigError(message)
     return cfg
 
 
-def load(path):
-    """Read and validate the YAML config at ``path``."""
+class _StrictLoader(_FastLoader):
+    """PyYAML's safe loader that refuses a key written twice in one mapping (PyYAML keeps the
+    last without a word: a second `cd:` section would silently replace the first)."""
+
+
+def _mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{loader.path}:{line}: key {key!r} written twice in one mapping "
+                              f"(first at line {seen[key]}); keep one")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def read_yaml(path):
+    """The YAML file at ``path`` as Python data; ConfigError naming file, line and column for
+    syntax errors, duplicate keys and bytes that are not UTF-8."""
     try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            loader = _StrictLoader(f)
+            loader.path = path  # named in the duplicate-key message
+            try:
+                return loader.get_single_data()
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; pass --config PATH") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte {e.start} is not UTF-8 text; save the file as "
+                          "UTF-8") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return validate(config)
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load(path):
+    """Read (read_yaml) and validate the YAML config at ``path``."""
+    return validate(read_yaml(path))
 
 
 def code_version():
@@ -213,7 +217,7 @@ def _table(rows):
 def schema_markdown():
     """config/README.md: every config key with its type, default and description, generated
     from workflow/schemas/config.schema.yaml (`python -m cmcore.config` rewrites it)."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = yaml.load(SCHEMA_PATH.read_text(), Loader=_FastLoader)  # noqa: S506
     required = ", ".join(f"`{k}`" for k in schema["required"])
     lines = ["# Config keys", "",
              "Generated from `workflow/schemas/config.schema.yaml` by `python -m cmcore.config`",

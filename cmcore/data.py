@@ -17,9 +17,13 @@ Both keep the first ``max_images`` images if set; everything is held in memory.
 import os
 import pickle
 import tarfile
+import zipfile
+import zlib
 
 import numpy as np
 import torch
+
+from cmcore.files import atomic
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -45,15 +49,39 @@ def load_cifar10(path):
             f"cifar-10-python.tar.gz from {CIFAR10_URL} and set dataset.path to it"
         )
     images, labels = [], []
-    with tarfile.open(path, "r:gz") as tar:
-        for i in range(1, 6):
-            member = tar.extractfile(f"cifar-10-batches-py/data_batch_{i}")
-            if member is None:
-                raise DataError(f"dataset.path: {path} lacks data_batch_{i}; is it CIFAR-10?")
-            batch = pickle.load(member, encoding="bytes")  # the official format is a pickle
-            images.append(batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for i in range(1, 6):
+                try:
+                    member = tar.extractfile(f"cifar-10-batches-py/data_batch_{i}")
+                except KeyError:
+                    member = None
+                if member is None:
+                    raise DataError(f"dataset.path: {path} lacks data_batch_{i}; is it CIFAR-10?")
+                # The official format is a pickle: read with numpy arrays as the only objects.
+                batch = _BatchUnpickler(member, encoding="bytes").load()
+                data = np.asarray(batch[b"data"], dtype=np.uint8)
+                images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError, KeyError,
+            TypeError, ValueError) as e:
+        raise DataError(f"dataset.path: {path} is not a readable CIFAR-10 tarball "
+                        f"({type(e).__name__}: {e}); download it again") from None
     return np.concatenate(images), np.concatenate(labels)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, numbers and numpy arrays, nothing else: a crafted
+    tarball cannot run code (a plain pickle.load calls whatever the file names)."""
+
+    ALLOWED = {(f"numpy.{core}.{module}", name) for core in ("core", "_core")
+               for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))
+               } | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (only numpy arrays)")
+        return super().find_class(module, name)
 
 
 def load_mixture(num_points, seed, radius=1.0, std=0.1, components=8):
@@ -86,11 +114,15 @@ def load_npz(path, resolution=None, max_images=None):
     if not path or not os.path.isfile(path):
         raise DataError(f"dataset.path: npz file not found at {path!r}; write the images as "
                         "uint8 NHWC under key arr_0 (labels optional) and set dataset.path")
-    with np.load(path) as f:
-        if "arr_0" not in f:
-            raise DataError(f"dataset.path: {path} has no arr_0 (keys: {', '.join(f.files)})")
-        x = f["arr_0"][:max_images]
-        labels = f["labels"][:max_images] if "labels" in f else np.zeros(len(x))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "arr_0" not in f:
+                raise DataError(f"dataset.path: {path} has no arr_0 (keys: {', '.join(f.files)})")
+            x = f["arr_0"][:max_images]
+            labels = f["labels"][:max_images] if "labels" in f else np.zeros(len(x))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"dataset.path: {path} is not a readable npz file "
+                        f"({type(e).__name__}: {e}); write it again") from None
     _check_images(x, path, resolution)
     return x, labels.astype(np.int64)
 
@@ -128,8 +160,12 @@ def load_image_folder(path, resolution, max_images=None):
     labels = np.array([classes[c] for c in names], dtype=np.int64)
     images = []
     for f in files:
-        with Image.open(os.path.join(path, f)) as image:
-            images.append(center_crop(image, resolution))
+        try:
+            with Image.open(os.path.join(path, f)) as image:
+                images.append(center_crop(image, resolution))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated, foreign
+            raise DataError(f"dataset.path: {os.path.join(path, f)} is not a readable image "
+                            f"({type(e).__name__}: {e}); remove or replace it") from None
     return np.stack(images), labels
 
 
@@ -152,9 +188,8 @@ def load_dataset(cfg, seed=0):
 
 def save_prepared(path, x, labels):
     """Write the prepared data set as npz (arr_0 = data, labels), atomically."""
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, arr_0=x, labels=labels)
-    os.replace(tmp, path)
+    with atomic(path, ".npz") as tmp:
+        np.savez(tmp, arr_0=x, labels=labels)
 
 
 def load_prepared(path):

@@ -21,6 +21,11 @@ del TINY["sampling"]["tau_search"]
 TINY["theorem1"] = {"enabled": False}
 
 
+# A results folder that breaks any unquoted path in a shell command (and, unquoted, would run
+# `touch PWNED`).
+HOSTILE_OUTDIR = "tiny results ü $(touch PWNED); x'&"
+
+
 def tiny_config(tmp_path, **changes):
     """Write the tiny config (deep-updated by ``changes``: section -> dict) and return its path."""
     cfg = copy.deepcopy(TINY)
@@ -38,6 +43,17 @@ def tiny_config(tmp_path, **changes):
 @pytest.fixture
 def tiny(tmp_path):
     return tiny_config(tmp_path)
+
+
+@pytest.fixture
+def lpips_hub(tmp_path, monkeypatch):
+    """A torch hub cache (TORCH_HOME) that names LPIPS's AlexNet weights (an empty stand-in:
+    validation checks the file is there, dry runs never read it)."""
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return checkpoints
 
 
 def run(args, cwd=ROOT, timeout=600):
@@ -72,10 +88,11 @@ def snakemake(*args):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """reproduce_table and reproduce_extras of .test/config/config.yaml, run once in one DAG:
-    (config, outdir)."""
+    (config, outdir). The outdir holds a space, a non-ASCII letter and shell metacharacters:
+    every path must reach the shell quoted (tests/test_tiny_run.py looks for PWNED)."""
     tmp = tmp_path_factory.mktemp("tiny")
     config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump({**FULL, "outdir": str(tmp / "results")}))
+    config.write_text(yaml.safe_dump({**FULL, "outdir": str(tmp / HOSTILE_OUTDIR)}))
     r = snakemake("reproduce_table", "reproduce_extras", "--cores", "2", "--configfile", config)
     assert r.returncode == 0, r.stderr[-3000:]
-    return config, tmp / "results"
+    return config, tmp / HOSTILE_OUTDIR

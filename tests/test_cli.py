@@ -30,7 +30,7 @@ def test_dry_runs_write_nothing(tiny, tmp_path):
     ({"cd": {"N": 0}}, "cd.N"),
     ({"ct": {"s0": 10, "s1": 5}}, "ct.s1"),
     ({"cd": {"distance": "l3"}}, "cd.distance"),
-    ({"colour": "red"}, "'colour' was unexpected"),
+    ({"colour": "red"}, "colour: unknown key; remove or rename it"),
     ({"dataset": {"name": "cifar10", "path": "/no/such/cifar-10-python.tar.gz"},
       "evaluation": {"feature_extractor": "inception"}}, "/no/such/cifar-10-python.tar.gz"),
 ])
@@ -63,7 +63,7 @@ def test_module_entry_point_reports_one_line(tmp_path):
     assert r.stderr.strip() == "cm prepare-data: error: cd.N: 1 is less than the minimum of 2"
 
 
-def test_cifar10_reader_and_paper_config(tmp_path):
+def test_cifar10_reader_and_paper_config(tmp_path, lpips_hub):
     """A tarball in the official format reads as uint8 NHWC; the paper config validates."""
     import io
     import pickle

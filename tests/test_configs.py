@@ -16,6 +16,9 @@ from cmcore.config import ConfigError, validate
 from cmcore.data import DataError, load_dataset
 from cmcore.networks import ADM_PRESETS
 
+# The paper configs train with LPIPS: validation wants its AlexNet weights in the hub cache.
+pytestmark = pytest.mark.usefixtures("lpips_hub")
+
 CONFIGS = {
     "imagenet64": ("imagenet64", 64, 1000),
     "lsun_bedroom256": ("lsun256", 256, 0),

@@ -37,7 +37,7 @@ def test_resume_identity_is_the_training_settings():
         assert identity["config"] == dag.settings(cfg, "train", method=method)
 
 
-def test_settings_views():
+def test_settings_views(lpips_hub):
     cfg = validate(copy.deepcopy(TINY))
     cd = dag.settings(cfg, "train", method="cd")
     assert set(cd) == {"dataset", "seed", "device", "diffusion", "network", "cd"}

@@ -331,16 +331,17 @@ def test_compile_runs_the_online_network_compiled(setup, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("exact, torch_cls", [(fast.ExactAdam, torch.optim.Adam),
                                               (fast.ExactRAdam, torch.optim.RAdam)])
-def test_foreach_optimizers_are_torchs_loop_bitwise(exact, torch_cls):
+def test_flat_optimizers_are_torchs_loop_bitwise(exact, torch_cls, memory_format):
     # RAdam's first steps (rho_k <= 5) and later ones, a changing lr, gradients over six orders
     # of magnitude, a parameter without a gradient for a while (its own step count), a resume.
     torch.manual_seed(0)
     net = make_model({"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2],
                       "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
                       "img_resolution": 8, "in_channels": 1}, "consistency",
-                     {"sigma_data": 0.5, "sigma_min": 0.002})
+                     {"sigma_data": 0.5, "sigma_min": 0.002}).to(memory_format=memory_format)
     a, b = copy.deepcopy(net), copy.deepcopy(net)
     ours, theirs = exact(a.parameters(), lr=1e-3), torch_cls(b.parameters(), lr=1e-3,
                                                             foreach=False)

@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cmcore"
 
 # The floor of each top-level unit of cmcore (a subpackage or a module); "" is cmcore/__init__.
 FLOORS = {
-    "": 0, "config": 0, "dag": 0, "threads": 0,   # config, the DAG's torch-free helpers, threads
+    "": 0, "config": 0, "config_rules": 0,        # config: loading, validation, its rules
+    "dag": 0, "threads": 0, "files": 0,           # the DAG's torch-free helpers, threads, writes
     "diffusion": 1,                               # the paper's maths
     "networks": 2, "data": 2,                     # backbones; data sets (data uses analytic)
     "methods": 3,                                 # what is trained

@@ -192,7 +192,7 @@ def test_mismatched_sets_rejected_before_work(classifier, digits):
     with pytest.raises(MetricsError, match="uint8"):
         compute_metrics(x.astype(np.float32), x, weights_path=path)
     # Right shapes for each other, wrong resolution for the classifier.
-    big = np.zeros((20, 16, 16, 1), np.uint8)
+    big = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 1), dtype=np.uint8)
     with pytest.raises(MetricsError, match="8x8"):
         compute_metrics(big, big, weights_path=path)
 

@@ -126,20 +126,23 @@ def test_sigterm_then_rerun_equals_uninterrupted_ct(setup, tmp_path):
     assert losses(tmp_path / "train_log.csv") == losses(ref_log)
 
 
-@pytest.mark.parametrize("stage, step", [("pd2", 150), ("pd1", 50)])
-def test_sigusr1_then_rerun_equals_uninterrupted_pd(setup, tmp_path, stage, step):
-    """The signal arrives in the middle of the first or of the second PD stage."""
+@pytest.mark.parametrize("stage, step, signum", [("pd2", 150, signal.SIGUSR1),
+                                                  ("pd1", 50, signal.SIGINT)])
+def test_signal_then_rerun_equals_uninterrupted_pd(setup, tmp_path, stage, step, signum):
+    """SIGUSR1 (Slurm's warning) or SIGINT (Ctrl-C) in the middle of the first or of the
+    second PD stage saves the resume file at the end of that step."""
     out = tmp_path / "checkpoint.pt"
     args = (setup["cfg"], "pd", str(setup["data"]), str(out), str(setup["teacher"]))
-    before = signal.getsignal(signal.SIGUSR1)
+    before = signal.getsignal(signum)
 
     def echo(line):  # a real signal, sent while a log row of (stage, step) is printed
         if line.startswith(f"stage={stage} step={step} "):
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signum)
     with pytest.raises(Preempted) as e:
         train(*args, echo=echo)
-    assert e.value.code == 138 and "stopped by SIGUSR1 at " + stage in str(e.value)
-    assert signal.getsignal(signal.SIGUSR1) is before  # handlers restored
+    name = signal.Signals(signum).name
+    assert e.value.code == 128 + signum and f"stopped by {name} at {stage}" in str(e.value)
+    assert signal.getsignal(signum) is before  # handlers restored
     state = torch.load(f"{out}.partial", weights_only=True)
     assert (state["label"], state["k"]) == (stage, step) and not out.exists()
     assert sorted(state["stages"]) == ([] if stage == "pd2" else ["2"])
@@ -231,8 +234,9 @@ def test_nan_keeps_the_last_good_resume_file(setup, tmp_path, monkeypatch):
         train(cfg, "ct", str(setup["data"]), str(out), ckpt_every=10, **QUIET)
     partial = f"{out}.partial"
     assert str(e.value) == (
-        "ct loss is nan at step 30 (first non-finite at step 25); lower the lr; the last good "
-        f"resume checkpoint (ct step 20) is at {partial}")
+        "ct loss is nan at step 30 (first non-finite at step 25); lower the lr first, then "
+        "check the target's mu, the ema and diffusion.sigma_data; the last good resume "
+        f"checkpoint (ct step 20) is at {partial}")
     state = torch.load(partial, weights_only=True)
     assert state["k"] == 20 and not out.exists()
     assert all(t.isfinite().all() for t in (*state["model"].values(), *state["target"].values()))

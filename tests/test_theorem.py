@@ -119,7 +119,7 @@ def _settings(tmp_path, **changes):
 
 
 def test_run_theorem1_tiny(tmp_path):
-    settings = _settings(tmp_path, N_zero_loss=[32, 64, 128], N_trained=[6, 9],
+    settings = _settings(tmp_path, N_zero_loss=[32, 64, 128], N_trained=[6, 9, 12],
                          N_gap=[8, 16, 32], num_points=4, ref_steps=200, gap_samples=4000,
                          train={"iters": 40, "batch": 64, "hidden": 16, "depth": 1})
     out = tmp_path / "out"
@@ -133,10 +133,10 @@ def test_run_theorem1_tiny(tmp_path):
     row = orders.set_index(["solver", "kind"])
     assert 0.8 < row.loc[("euler", "zero_loss"), "slope"] < 1.2, orders
     assert 1.7 < row.loc[("heun", "zero_loss"), "slope"] < 2.3, orders
-    assert row.loc[("heun", "trained"), "n_points"] == 2
+    assert row.loc[("heun", "trained"), "n_points"] == 3
     assert (row["N_min"] <= row["N_max"]).all()
     errors = pd.read_csv(out / "errors.csv")
-    assert len(errors) == 2 * (5 + 2)  # zero-loss at N_zero_loss + N_trained; trained at N_trained
+    assert len(errors) == 2 * (6 + 3)  # zero-loss at N_zero_loss + N_trained; trained at N_trained
     assert (errors["error_sup"] >= errors["error_mean"]).all() and (errors["error_mean"] > 0).all()
     gap = pd.read_csv(out / "ct_cd_gap.csv")
     assert list(gap["N"]) == [8, 16, 32] and gap[["L_cd", "L_ct"]].gt(0).all().all()

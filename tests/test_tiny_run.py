@@ -13,7 +13,7 @@ import tempfile
 import pandas as pd
 import pytest
 import yaml
-from conftest import snakemake
+from conftest import ROOT, snakemake
 
 # ----------------------------------------------------------------------------------------------
 # The tables and figures of the tiny run.
@@ -54,6 +54,10 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     assert "fixed N=5, mu=0.9" in (out / "tables" / "fig3d.md").read_text()
     # Provenance: the resolved config lies beside the results.
     assert "code version" in (out / "config.yaml").read_text()
+    # Every file inside the hostile outdir (conftest.HOSTILE_OUTDIR): no path was split or run.
+    beside = {p.name for p in out.parent.iterdir() if not p.name.startswith("edited")}
+    assert beside == {"config.yaml", out.name}
+    assert not list(out.parent.rglob("PWNED")) and not (ROOT / "PWNED").exists()
     # A second run has nothing to do.
     again = snakemake("reproduce_table", "-n", "--configfile", config)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -125,7 +129,7 @@ def edited(tiny_run):
 
 def test_theorem1_edit_reruns_theorem1_only(edited):
     write, out = edited
-    jobs = planned_jobs(write(theorem1={"N_gap": [8, 32]}))
+    jobs = planned_jobs(write(theorem1={"N_gap": [8, 32, 64]}))
     assert set(jobs) == {"theorem1", "reproduce_table"}, jobs
     assert len(jobs["theorem1"]) == 1
 

@@ -32,16 +32,38 @@ from cmcore.data import DataError
 from cmcore.training.checkpoints import CheckpointError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (no usage block): `cm sample: error: ...`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(minimum):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+    return parse
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="cm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, func, help):
         p = sub.add_parser(name, help=help)
         p.add_argument("--config", required=True, help="YAML config (config/config.yaml)")
         p.add_argument("--out", required=True, help="output file")
-        p.add_argument("--seed", type=int, default=None, help="override the config's seed")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        p.add_argument("--seed", type=int, default=None,
+                       help="override the config's seed (validated as the config's)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (overrides the config's threads)")
         p.add_argument("--dry-run", action="store_true", help="validate and describe only")
         p.set_defaults(func=func)
         return p
@@ -62,11 +84,11 @@ def build_parser():
                    "converted teacher to adopt (default: teacher.pretrained)")
     p.add_argument("--train-log", default=None, help="CSV log (default: beside --out)")
     p.add_argument("--loss-plot", default=None, help="PNG loss curve (default: beside --out)")
-    p.add_argument("--gpus", type=int, default=1,
+    p.add_argument("--gpus", type=_at_least(0), default=1,
                    help="processes of a data-parallel run under torchrun when > 1")
     p = add("sample", cmd_sample, "draw samples from a checkpoint (npz arr_0 uint8 NHWC)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--steps", type=int, required=True, help="sampling steps")
+    p.add_argument("--steps", type=_at_least(1), required=True, help="sampling steps")
     p.add_argument("--grid", default=None, help="also write a PNG grid of 100 samples")
     p.add_argument("--taus", default=None, help="JSON of cm search-tau (default: sampling.tau)")
     p.add_argument("--meta", default=None, help="JSON sidecar (default: --out with .json)")
@@ -110,10 +132,13 @@ def build_parser():
                    help="ADM of the --openai file: imagenet64, lsun256 or a YAML file")
     p = add("bench", cmd_bench, "time every training and sampling step (--out: JSON lines)")
     p.add_argument("--net", default="embedded", choices=["embedded", "cifar10"])
-    p.add_argument("--batch", type=int, default=None, help="default: the net's (128 / 512)")
+    p.add_argument("--batch", type=_at_least(1), default=None,
+                   help="default: the net's (128 / 512)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=None, help="timed steps (5 CPU, 20 GPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (1 CPU, 3 GPU)")
+    p.add_argument("--repeats", type=_at_least(1), default=None,
+                   help="timed steps (5 CPU, 20 GPU)")
+    p.add_argument("--warmup", type=_at_least(0), default=None,
+                   help="untimed steps (1 CPU, 3 GPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
@@ -139,17 +164,27 @@ def main(argv=None):
     if getattr(args, "gpus", 1) > 1 and "LOCAL_RANK" not in os.environ and not args.dry_run:
         os.execv(sys.executable, torchrun_command(argv, args.gpus))  # DDP: cmcore.training
     try:
-        cfg = config_mod.load(args.config)
-        if args.seed is not None:
-            cfg["seed"] = args.seed
-        args.threads = args.threads or cfg["threads"]
+        # Overrides join the file before validation: `--seed -5` is refused as `seed: -5` is.
+        raw = config_mod.read_yaml(args.config)
+        overrides = {key: value for key, value in (("seed", args.seed),
+                                                   ("threads", args.threads)) if value is not None}
+        cfg = config_mod.validate({**raw, **overrides} if isinstance(raw, dict) else raw)
+        args.threads = cfg["threads"]
         import torch
 
+        from cmcore.models import pick_device
+
+        pick_device(cfg["device"])  # a device this machine lacks fails here, before any work
         torch.set_num_threads(args.threads)
         message = args.func(args, cfg)
     except (config_mod.ConfigError, DataError, CheckpointError, FileNotFoundError,
             FloatingPointError, ValueError) as e:
         print(f"cm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only folder, a full disk: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cm {args.command}: error: cannot write or read {where}{e.strerror or e}",
+              file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         print(("[dry run] " if args.dry_run else "") + message)

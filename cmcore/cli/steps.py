@@ -12,6 +12,7 @@ import numpy as np
 from cmcore import config as config_mod
 from cmcore import dag
 from cmcore.data import DataError
+from cmcore.files import atomic
 from cmcore.training.checkpoints import CheckpointError
 
 
@@ -105,9 +106,11 @@ def cmd_sample(args, cfg):
     images, meta = sample_checkpoint(ckpt, args.steps, smp["num_samples"], smp["batch"],
                                      cfg["seed"], pick_device(cfg["device"]), taus)
     meta["tau_source"] = source if meta["taus"] else "-"
-    np.savez(args.out, arr_0=images)
+    with atomic(args.out, ".npz") as tmp:
+        np.savez(tmp, arr_0=images)
     meta.update(checkpoint=args.checkpoint, code_version=config_mod.code_version())
-    with open(args.meta or os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with atomic(args.meta or os.path.splitext(args.out)[0] + ".json") as tmp, \
+            open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     if args.grid:
         save_grid(images[:100], args.grid)
@@ -152,7 +155,7 @@ def cmd_evaluate(args, cfg):
     name = cfg["dataset"]["name"]
     record = {**meta, **metrics, "dataset": name,
               "reference_set": f"{name} training set ({args.reference})"}
-    with open(args.out, "w") as f:
+    with atomic(args.out) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     return f"wrote {args.out}: FID {metrics['fid']:.3f}"
 
@@ -219,7 +222,7 @@ def cmd_search_tau(args, cfg):
               "search": ts, "score": "FID",
               "trace": [{"taus": list(t), "fid": v} for t, v in trace],
               "code_version": config_mod.code_version()}
-    with open(args.out, "w") as f:
+    with atomic(args.out) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     return f"wrote {args.out}: taus {', '.join(f'{t:.3g}' for t in taus)}"
 
@@ -271,8 +274,8 @@ def cmd_ablate(args, cfg):
     df = pd.DataFrame(rows).assign(run=args.run, method=method, seed=cfg["seed"],
                                    feature_extractor=cfg["evaluation"]["feature_extractor"],
                                    code_version=config_mod.code_version())
-    df.to_csv(f"{args.out}.tmp", index=False)
-    os.replace(f"{args.out}.tmp", args.out)
+    with atomic(args.out) as tmp:
+        df.to_csv(tmp, index=False)
     return f"wrote {args.out}: final FID {df['fid'].iloc[-1]:.2f} at {df['iters'].iloc[-1]} it"
 
 

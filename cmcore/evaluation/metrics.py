@@ -197,6 +197,9 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
     if samples_u8_nhwc.shape[1:] != reference_u8_nhwc.shape[1:]:
         raise MetricsError(f"samples and reference differ in HxWxC: {samples_u8_nhwc.shape[1:]} vs "
                            f"{reference_u8_nhwc.shape[1:]}")
+    if samples_u8_nhwc.min() == samples_u8_nhwc.max():
+        raise MetricsError(f"samples: every pixel is {samples_u8_nhwc.flat[0]}: degenerate "
+                           "samples get no score")
     check_weights(extractor, weights_path)
     num_samples, num_reference = len(samples_u8_nhwc), len(reference_u8_nhwc)
     k = prc_neighborhood + 1

@@ -46,7 +46,7 @@ from cmcore.diffusion.precond import Denoiser
 from cmcore.diffusion.solvers import edm_sampler
 from cmcore.methods import registry
 from cmcore.methods.objectives import progressive_distillation_loss
-from cmcore.models import make_model
+from cmcore.models import for_training, make_model
 from cmcore.networks import ARCHS, build_network
 from cmcore.sampling.samplers import consistency_sample
 from cmcore.training import fast
@@ -174,7 +174,8 @@ class Bench:
     def model(self, kind, backbone=None):
         """A fresh D or f (``kind``) as training makes it, or D around ``backbone``."""
         if backbone is None:
-            return make_model(self.net_cfg, kind, self.d).to(self.device)
+            return for_training(make_model(self.net_cfg, kind, self.d).to(self.device),
+                                self.device)
         return Denoiser(backbone, self.d["sigma_data"]).to(self.device)
 
     def options(self, method):

@@ -128,6 +128,9 @@ def fit_slope(delta_t, errors):
     x, y = np.asarray(delta_t, float), np.asarray(errors, float)
     if not (np.isfinite(x).all() and np.isfinite(y).all() and (x > 0).all() and (y > 0).all()):
         raise ValueError("fit_slope needs positive, finite delta_t and errors")
+    if len(np.unique(x)) < 3:  # two points always lie on a line: no evidence of an order
+        raise ValueError(f"fit_slope needs 3 distinct delta_t, got {np.unique(x).tolist()}; "
+                         "give theorem1 three or more distinct N")
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 

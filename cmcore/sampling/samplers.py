@@ -72,9 +72,14 @@ def noise_batches(ckpt, num_samples, batch, generator):
 
 
 def to_numpy(x):
-    """Samples as numpy: uint8 NHWC images, or float points (the 2-D data sets)."""
+    """Samples as numpy: uint8 NHWC images, or float points (the 2-D data sets); ValueError
+    for NaN or infinite samples (the uint8 conversion would hide them as black pixels)."""
     from cmcore.data import to_uint8
 
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).sum().item()
+        raise ValueError(f"{bad} of {len(x)} samples are not finite (NaN or inf): the model's "
+                         "weights are broken; nothing is written")
     return to_uint8(x) if x.ndim == 4 else x.float().cpu().numpy()
 
 
@@ -119,4 +124,8 @@ def sample_checkpoint(ckpt, steps, num_samples, batch, seed, device, taus=()):
     meta = {"method": method, "steps": steps, "nfe": nfe, "sampler": sampler, "taus": taus,
             "num_samples": num_samples, "seed": seed,
             "train_iters": ckpt.get("train_iters"), "distance": training_distance(ckpt)}
-    return np.concatenate(chunks), meta
+    samples = np.concatenate(chunks)
+    if samples.min() == samples.max():
+        raise ValueError(f"all {len(samples)} samples are the same single value "
+                         f"{samples.flat[0]}: the model collapsed; nothing is written")
+    return samples, meta

@@ -4,12 +4,13 @@ Both are ``torch.save`` of plain tensors, numbers, strings, lists and dicts (loa
 ``weights_only=True``), written to ``<path>.tmp`` and renamed, so a reader never sees half a file.
 
 The resume file of a run whose output is ``<out>`` is ``<out>.partial`` (beside it). It is
-written every ``ckpt_every`` iterations and when SIGTERM or SIGUSR1 arrives, and holds the online
-model, optimizer, evaluation EMA, target network, step k, the CSV rows logged so far, torch's
-global RNG states (CPU and CUDA) and, for PD, the stage and the finished stages. ``<out>`` itself
-is written only when training completes; the resume file is deleted right after. A resume file
-is used only by the same run: same method, same settings of that method (``ckpt_every``,
-``threads`` and ``resources`` aside) and the same data and teacher (SHA-256 of their content).
+written every ``ckpt_every`` iterations and when SIGTERM, SIGUSR1 or Ctrl-C arrives, and holds
+the online model, optimizer, evaluation EMA, target network, step k, the CSV rows logged so
+far, torch's global RNG states (CPU and CUDA) and, for PD, the stage and the finished stages.
+``<out>`` itself is written only when training completes; the resume file is deleted right
+after. A resume file is used only by the same run: same method, same settings of that method
+(``ckpt_every``, ``threads`` and ``resources`` aside) and the same data and teacher (SHA-256 of
+their content).
 """
 
 import contextlib
@@ -22,10 +23,12 @@ import threading
 import torch
 
 from cmcore import dag
+from cmcore.files import atomic
 
 FORMAT = "cmcore-checkpoint/1"
 RESUME_FORMAT = "cmcore-resume/1"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C (SIGINT) too: a stop request saves the resume file at the end of the step.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class CheckpointError(Exception):
@@ -33,7 +36,7 @@ class CheckpointError(Exception):
 
 
 class Preempted(SystemExit):
-    """Training stopped on SIGTERM or SIGUSR1 after writing its resume file.
+    """Training stopped on SIGTERM, SIGUSR1 or SIGINT after writing its resume file.
 
     A SystemExit, so ``cm train`` (and any caller that does not catch it) exits with status
     128 + signal number: 143 for SIGTERM, 138 for SIGUSR1, as if killed by that signal. Running
@@ -49,10 +52,42 @@ class Preempted(SystemExit):
 
 
 def save_checkpoint(path, payload):
-    """torch.save to a temporary file, then rename: a reader never sees a partial file."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file of this process, then rename: a reader never sees a
+    partial file; a failed write (full disk, read-only folder) removes its temporary file."""
+    try:
+        with atomic(path) as tmp:
+            torch.save(payload, tmp)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def output_lock(out_path):
+    """Hold ``<out>.lock`` while this process writes ``out_path`` (its resume file and log): a
+    second run on the same output refuses in one line instead of interleaving. The lock is an
+    flock (released by the kernel if the process dies); the file is removed on exit."""
+    import fcntl
+
+    lock = f"{out_path}.lock"
+    os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(f"{out_path} is being written by another run (it holds "
+                                  f"{lock}); wait for that run or stop it") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # not a file that its previous holder removed meanwhile
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+        os.close(fd)
 
 
 def load_checkpoint(path):
@@ -169,7 +204,8 @@ class ResumeFile:
 
     @contextlib.contextmanager
     def catching_signals(self):
-        """Turn SIGTERM/SIGUSR1 into a stop request inside the block; restore the old handlers."""
+        """Turn SIGTERM/SIGUSR1/SIGINT into a stop request inside the block; restore the old
+        handlers."""
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be set from the main thread
             return

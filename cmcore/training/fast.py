@@ -73,33 +73,32 @@ class _FlatLoop:
                 by_step.setdefault(k.item(), []).append(p)
             beta1, beta2 = group["betas"]
             for k, params in by_step.items():
-                flat_p, m, v = self._flat(params)
+                m, v = self._flat(params)
                 g = torch.cat([p.grad.reshape(-1) for p in params])
                 # m <- lerp(m, g, 1 - beta1); v <- beta2 v + (1 - beta2) g^2
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2)
                 v.addcmul_(g, g, value=1 - beta2)
-                self._update(flat_p, m, v, [p.numel() for p in params], k, beta1, beta2,
-                             group["lr"], group["eps"])
+                self._update(params, m, v, k, beta1, beta2, group["lr"], group["eps"])
 
     def _flat(self, params):
-        """(flattened views of ``params``, flat exp_avg, flat exp_avg_sq): the buffers made
-        once per set of parameters, again after the state's tensors were replaced (a load)."""
+        """(flat exp_avg, flat exp_avg_sq) of ``params``, in their elements' logical order: the
+        buffers made once per set of parameters, again after the state's tensors were replaced
+        (a load)."""
         key = tuple(map(id, params))
         entry = self._flat_cache.get(key)
         if entry is None or any(self.state[p]["exp_avg"] is not a or self.state[p]["exp_avg_sq"]
-                                is not b for p, a, b in zip(params, *entry[3:], strict=True)):
-            sizes = [p.numel() for p in params]
+                                is not b for p, a, b in zip(params, *entry[2:], strict=True)):
             flat = []
-            for key_ in ("exp_avg", "exp_avg_sq"):
-                buffer = torch.cat([self.state[p][key_].reshape(-1) for p in params])
-                views = [t.view_as(p) for t, p in zip(buffer.split(sizes), params, strict=True)]
+            for name in ("exp_avg", "exp_avg_sq"):
+                buffer = torch.cat([self.state[p][name].reshape(-1) for p in params])
+                views = _pieces(buffer, params)
                 for p, view in zip(params, views, strict=True):
-                    self.state[p][key_] = view
+                    self.state[p][name] = view
                 flat.append((buffer, views))
             (m, m_views), (v, v_views) = flat
-            entry = self._flat_cache[key] = ([p.view(-1) for p in params], m, v, m_views, v_views)
-        return entry[:3]
+            entry = self._flat_cache[key] = (m, v, m_views, v_views)
+        return entry[:2]
 
     def _check_defaults(self):
         for group in self.param_groups:
@@ -109,15 +108,21 @@ class _FlatLoop:
                 raise ValueError(f"{type(self).__name__} supports the default options only")
 
 
+def _pieces(flat, params):
+    """``flat`` cut into tensors shaped as ``params`` (views, in each one's logical order)."""
+    sizes = [p.numel() for p in params]
+    return [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
+
+
 class ExactAdam(_FlatLoop, torch.optim.Adam):
     """Adam (Kingma & Ba): p <- p - lr / (1 - beta1^k) m / (sqrt(v) / sqrt(1 - beta2^k) + eps)."""
 
-    def _update(self, p_, m, v, sizes, k, beta1, beta2, lr, eps):
+    def _update(self, params, m, v, k, beta1, beta2, lr, eps):
         bias_correction1, bias_correction2 = 1 - beta1**k, 1 - beta2**k
         denom = v.sqrt()
         denom.div_(bias_correction2**0.5)
         denom.add_(eps)
-        torch._foreach_addcdiv_(p_, m.split(sizes), denom.split(sizes),
+        torch._foreach_addcdiv_(params, _pieces(m, params), _pieces(denom, params),
                                 value=-(lr / bias_correction1))
 
 
@@ -125,7 +130,7 @@ class ExactRAdam(_FlatLoop, torch.optim.RAdam):
     """RAdam (Liu et al.): Adam's step times the variance rectification r_k once the
     approximated SMA rho_k exceeds 5, else the bias-corrected momentum step."""
 
-    def _update(self, p_, m, v, sizes, k, beta1, beta2, lr, eps):
+    def _update(self, params, m, v, k, beta1, beta2, lr, eps):
         bias_correction1, bias_correction2 = 1 - beta1**k, 1 - beta2**k
         update = m / bias_correction1
         rho_inf = 2 / (1 - beta2) - 1
@@ -140,7 +145,7 @@ class ExactRAdam(_FlatLoop, torch.optim.RAdam):
             adaptive.mul_(bias_correction2**0.5)
             update.mul_(adaptive)
             update.mul_(rect)
-        torch._foreach_add_(p_, update.split(sizes), alpha=-1.0)
+        torch._foreach_add_(params, _pieces(update, params), alpha=-1.0)
 
 
 def autocast(opt, device):

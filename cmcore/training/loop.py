@@ -4,12 +4,14 @@ theta^- with decay mu(k), CSV log and atomic checkpoints.
 Methods: those of cmcore.methods.registry (teacher, cd, ct, ict, ect, cd_cont, ct_cont,
 untrained: one fit each) and ``pd`` (progressive distillation, one fit per halving of the steps).
 
-Preemption: every ``ckpt_every`` iterations, and at the end of the step in which SIGTERM or
-SIGUSR1 arrives, the run writes its resume file ``<out>.partial`` (cmcore.training.checkpoints);
-a signal then ends it with Preempted (exit status 143 for SIGTERM, 138 for SIGUSR1). ``train``
-continues from a resume file of the same run and reaches bitwise the same checkpoint as an
-uninterrupted run on CPU. ``<out>`` is written only when training completes; its loss plot is
-the caller's (``cm train`` draws ``loss.png`` from the CSV log, cmcore.evaluation.reports).
+Preemption: every ``ckpt_every`` iterations, and at the end of the step in which SIGTERM,
+SIGUSR1 or SIGINT (Ctrl-C) arrives, the run writes its resume file ``<out>.partial``
+(cmcore.training.checkpoints); a signal then ends it with Preempted (exit status 143 for
+SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C). A second run on the same ``<out>`` is refused while
+the first holds ``<out>.lock``. ``train`` continues from a resume file of the same run and
+reaches bitwise the same checkpoint as an uninterrupted run on CPU. ``<out>`` is written only
+when training completes; its loss plot is the caller's (``cm train`` draws ``loss.png`` from
+the CSV log, cmcore.evaluation.reports).
 
 Data parallel: under ``torchrun --nproc_per_node=P`` each rank trains on its B/P rows of the
 global batch B, gradients averaged by DDP, and only rank 0 writes files
@@ -25,6 +27,7 @@ first non-finite step stay there until a log row or save reads them), nor do the
 ct and pd losses; ict and ect still copy per-step tensors to the device.
 """
 
+import contextlib
 import copy
 import csv
 import math
@@ -41,12 +44,19 @@ from cmcore.data import load_prepared, to_model_space
 from cmcore.diffusion import schedules
 from cmcore.methods import objectives, registry
 from cmcore.methods.distances import get_distance
-from cmcore.models import make_model, model_from_checkpoint, network_config, pick_device
+from cmcore.models import (
+    for_training,
+    make_model,
+    model_from_checkpoint,
+    network_config,
+    pick_device,
+)
 from cmcore.training import fast
 from cmcore.training.checkpoints import (
     FORMAT,
     ResumeFile,
     load_checkpoint,
+    output_lock,
     run_identity,
     save_checkpoint,
     set_rng_states,
@@ -108,12 +118,13 @@ def _check_finite(first_bad, loss, params, label, k, resume, world):
     if first or not math.isfinite(value):
         where = f"{label} loss is {value} at step {k}" + (
             f" (first non-finite at step {first})" if first and first != k else "")
-    elif resume is not None and not torch.stack([p.isfinite().all() for p in params]).all():
-        where = f"{label} parameters are not finite at step {k}"
+    elif not torch.stack([p.isfinite().all() for p in params]).all():
+        where = f"{label} parameters or their EMA are not finite at step {k}"
     else:
         return value
     hint = "" if resume is None else f"; {resume.last_good()}"
-    raise FloatingPointError(f"{where}; lower the lr{hint}")
+    raise FloatingPointError(f"{where}; lower the lr first, then check the target's mu, the "
+                             f"ema and diffusion.sigma_data{hint}")
 
 
 class TrainStep:
@@ -190,6 +201,7 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     world = world or World()
     step = TrainStep(model, loss_fn, opt, after_step, world)
     optimizer, ema, params, device = step.optimizer, step.ema, step.params, step.device
+    watched = params + step.ema_params  # checked finite at every log row and save
     K, k0, t0 = opt["iters"], 0, time.time()
     if start is not None:
         model.load_state_dict(start["model"])
@@ -217,7 +229,7 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
                 snapshots[str(k + 1)] = {n: v.clone() for n, v in ema.state_dict().items()}
             log_now = (k + 1) % opt["log_every"] == 0 or k + 1 == K
             if log_now:  # a host-device sync, as is the check before saving
-                value = _check_finite(first_bad, loss, params, label, k + 1, resume, world)
+                value = _check_finite(first_bad, loss, watched, label, k + 1, resume, world)
                 row = {"stage": label, "step": k + 1, "loss": value, "lr": lr, **stats,
                        "seconds": round(time.time() - t0, 2)}
                 log.write(row)
@@ -231,7 +243,7 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
             if resume is not None and (stop is not None or resume.every > 0
                                        and (k + 1) % resume.every == 0):
                 if not log_now:
-                    _check_finite(first_bad, loss, params, label, k + 1, resume, world)
+                    _check_finite(first_bad, loss, watched, label, k + 1, resume, world)
                 resume.save({"label": label, "k": k + 1, "model": model.state_dict(),
                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                              "log": list(log.rows), "snapshots": dict(snapshots),
@@ -272,9 +284,9 @@ def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ck
     Writes the resume file ``<out_path>.partial`` every ``ckpt_every`` iterations (0: only on a
     stop signal) and continues from it when one of this run exists (a
     foreign, stale or unreadable one is a CheckpointError saying to delete it) and deletes it
-    once ``out_path`` is written. SIGTERM/SIGUSR1 raise Preempted after saving it (exit status
-    128 + signal number when uncaught). Under torchrun: data parallel over the ranks, the
-    config's batch being global (a ValueError unless divisible by the world size); rank 0
+    once ``out_path`` is written. SIGTERM/SIGUSR1/SIGINT raise Preempted after saving it
+    (exit status 128 + signal number when uncaught). Under torchrun: data parallel over the
+    ranks, the config's batch being global (a ValueError unless divisible by the world size); rank 0
     writes the files, every rank returns the payload.
     """
     if method not in METHODS:
@@ -295,12 +307,29 @@ def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ck
         # Initialisation, dropout and the losses' draws use torch's generator (torch gives module
         # initialisation and dropout no generator argument), seeded with the run's seed inside a
         # fork: the caller's generator state is left as it was.
-        with torch.random.fork_rng(devices=cuda):
+        lock = output_lock(out_path) if world.is_main else contextlib.nullcontext()
+        with lock, torch.random.fork_rng(devices=cuda):
             torch.manual_seed(cfg["seed"])
             return _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
                           echo, world, device)
     finally:
         world.close()
+
+
+def _teacher_checkpoint(path, method, net_cfg):
+    """The teacher checkpoint at ``path``, refused in one line unless it holds a denoiser D of
+    the network ``net_cfg`` this run trains (CD's ODE solver needs D, not a consistency model
+    f; PD's students and CD's initialisation copy the teacher's network)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != "denoiser":
+        raise ValueError(f"{path} holds a {ckpt['method']} consistency model; {method} needs the "
+                         "teacher's denoiser D (cm train --method teacher)")
+    if ckpt["net"] != net_cfg:
+        diff = sorted(k for k in set(ckpt["net"]) | set(net_cfg)
+                      if ckpt["net"].get(k) != net_cfg.get(k))
+        raise ValueError(f"{path}: the teacher's network differs from this config's in "
+                         f"{', '.join(diff)}; train the teacher with this config's network")
+    return ckpt
 
 
 def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every, echo, world,
@@ -312,8 +341,10 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
     if method in dag.NEEDS_TEACHER:
-        teacher = model_from_checkpoint(load_checkpoint(teacher_path)).to(device)
+        teacher = model_from_checkpoint(_teacher_checkpoint(teacher_path, method, net_cfg))
+        teacher = teacher.to(device)
     identity = run_identity(cfg, method, data, None if teacher is None else teacher.state_dict())
+    teacher = None if teacher is None else for_training(teacher, device)
     resume = (ResumeFile if world.is_main else _FollowerResume)(out_path, identity, ckpt_every)
     start = resume.load()
     if not world.is_main:
@@ -355,7 +386,8 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
 def _train_single(method, run):
     """Every method but PD: one run of ``fit`` on the method's loss (cmcore.methods.registry)."""
     spec = registry.METHODS[method]
-    model = make_model(run.net_cfg, spec.kind, run.cfg["diffusion"]).to(run.device)
+    model = for_training(make_model(run.net_cfg, spec.kind, run.cfg["diffusion"]).to(run.device),
+                         run.device)
     if method == "untrained":  # the initialisation, as its own evaluation EMA
         state = model.state_dict()
         return {"kind": spec.kind, "model": state, "ema": state, "snapshots": {},

@@ -5,9 +5,12 @@ import shlex
 import sys
 
 from cmcore import dag
-from cmcore.config import ConfigError, validate, write_resolved
+from cmcore.config import ConfigError, read_yaml, validate, write_resolved
 
 try:
+    # Snakemake's loader keeps the last of two equal keys: read each file strictly too.
+    for path in workflow.configfiles:
+        read_yaml(path)
     CFG = validate(config)
 except ConfigError as error:
     sys.exit(f"config error: {error}")
