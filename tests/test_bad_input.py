@@ -267,3 +267,13 @@ def test_teacher_must_be_a_denoiser_of_this_network(tmp_path):
     assert r.returncode == 2 and "network differs from this config's in model_channels" \
         in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "pd.pt").exists()
+
+
+def test_unwritable_output_is_one_line_and_leaves_nothing(tmp_path):
+    # A file where a folder should be (as root, permission bits would not stop the write).
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder")
+    r = cm("prepare-data", "--config", tiny_config(tmp_path), "--out", blocker / "d.npz")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot write or read" in r.stderr and str(blocker) in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "results"]
