@@ -9,6 +9,7 @@ import os
 
 # Image side of the built-in data sets (npz and image_folder: dataset.resolution).
 RESOLUTION = {"digits": 8, "cifar10": 32}
+DIGITS = 1797  # images of scikit-learn's digits, the classifier's data
 # torch-fidelity's Inception Score splits: each split needs samples.
 ISC_SPLITS = 10
 TRAINING = ("teacher", "cd", "ct", "pd", "ict", "ect", "cd_cont", "ct_cont")
@@ -174,6 +175,12 @@ def _files_error(cfg):
                 "weights-inception-2015-12-05-6726825d.pth from the torch-fidelity releases")
     if ev["feature_extractor"] == "classifier" and ds["name"] != "digits":
         return "evaluation.feature_extractor: 'classifier' is trained on digits only; use inception"
+    c = ev["classifier"]
+    n_train = int(DIGITS * (1 - c["holdout_fraction"]))
+    if ev["feature_extractor"] == "classifier" and n_train < c["batch"]:
+        return (f"evaluation.classifier.holdout_fraction: {c['holdout_fraction']} leaves "
+                f"{n_train} of {DIGITS} digits to train on, fewer than one batch of "
+                f"{c['batch']}; hold out less")
     uses = [name for name in TRAINING if cfg.get(name, {}).get("distance") == "lpips"]
     ab = cfg["ablations"]
     if ab["enabled"] and "lpips" in ab["distances"]:

@@ -83,6 +83,8 @@ def _cases():
     more("pd start not power", "pd.start_steps", pd__start_steps=48)
     more("sigma_max below min", "sigma_max", diffusion__sigma_max=0.001)
     more("holdout all", "holdout_fraction", evaluation__classifier__holdout_fraction=1.0)
+    more("holdout leaves no batch", "leaves 17 of 1797 digits",
+         evaluation__classifier__holdout_fraction=0.99)
     more("unknown key", "colour", colour="red")
     more("unknown section key", "cd.stepz", cd__stepz=3)
     more("zero iters lr", "cd.lr", cd__lr=0)

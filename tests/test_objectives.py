@@ -3,6 +3,8 @@
 For p_data = delta(x0): D(x, t) = x0 and the consistency function is f(x, t) = x0 + (x - x0) eps/t.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -96,3 +98,28 @@ def test_training_distance_labels_lpips_backbone():
     cfg["distance_options"]["lpips_resize"] = 64
     assert training_distance({"method": "cd", "config": cfg}) == \
         "lpips (ImageNet AlexNet, inputs at 64 px, not 224)"
+
+
+@pytest.mark.parametrize("method", ["cd", "ct"])
+def test_target_replays_the_online_dropout_masks(method):
+    # theta^- = theta with dropout 0.5 and t_n -> t_{n+1} (N = 10^6): the loss must vanish, as
+    # it does without dropout; under independent masks it would stay near the dropout noise.
+    from cmcore.models import make_model
+
+    torch.manual_seed(0)
+    net = {"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+           "attn_resolutions": [], "dropout": 0.5, "img_resolution": 8, "in_channels": 1}
+    f = make_model(net, "consistency", {"sigma_data": 0.5, "sigma_min": 0.002}).train()
+    with torch.no_grad():  # not the initialisation, whose last layer is zero: F_theta != 0
+        for p in f.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    N = 10**6
+
+    def loss(target):  # the teacher of CD: D = x0, so that its Euler step is x0 + t_n z
+        if method == "ct":
+            return consistency_training_loss(f, target, x0, N, l2).item()
+        return consistency_distillation_loss(f, target, lambda x, s: x0, x0, N, euler_step,
+                                             l2).item()
+    replayed, apart = loss(f), loss(copy.deepcopy(f).eval())  # eval: the target without masks
+    assert replayed < 1e-8 and apart > 1e-4, (replayed, apart)

@@ -209,7 +209,7 @@ class Bench:
                 model.model.load_state_dict(teacher.model.state_dict())
             target = None
             if spec.target:
-                target = copy.deepcopy(model).eval().requires_grad_(False)
+                target = copy.deepcopy(model).train().requires_grad_(False)  # dropout replay
                 after = target_update(target, model)
             context = registry.Context(model, target, teacher, batch, self.grid, distance, sd)
             loss_fn = spec.build(opt, context)

@@ -1,6 +1,9 @@
 """Training objectives over the D / f contract. Each returns the batch-mean loss.
 
-Random numbers come from torch's global generator, so a seeded run is reproducible.
+Random numbers come from torch's global generator, so a seeded run is reproducible. CD and CT
+run the target network theta^- in train mode under the online network's dropout masks
+(cmcore.diffusion.rng.same_randomness): with theta^- = theta and t_n -> t_{n+1} the loss then
+goes to 0, as it must; with dropout 0 (the published CD and CT runs) nothing changes.
 Teacher and target passes run under torch.inference_mode (no autograd bookkeeping at all); their
 result is cloned into an ordinary tensor before it meets the online network's output, since an
 inference tensor cannot be saved for backward. Time grids are copied to the device once per
@@ -12,6 +15,7 @@ import functools
 import torch
 
 from cmcore.diffusion.precond import _per_sample
+from cmcore.diffusion.rng import same_randomness
 from cmcore.diffusion.schedules import karras_grid, pd_grid
 
 
@@ -56,10 +60,15 @@ def consistency_distillation_loss(f, f_target, D_teacher, x0, N, solver, distanc
     # Sample x_{t_{n+1}} ~ N(x, t_{n+1}^2 I).
     x_n1 = x0 + _per_sample(t_n1, x0) * torch.randn_like(x0)
     with torch.inference_mode():
-        # One step of the teacher's PF-ODE solver gives x^phi_{t_n}; the target net maps it.
+        # One step of the teacher's PF-ODE solver gives x^phi_{t_n}.
         x_phi = solver(D_teacher, x_n1, t_n1, t_n)
-        target = f_target(x_phi, t_n)
-    d = distance(f(x_n1, t_n1), target.clone())
+
+    def target():  # the target net maps x^phi_{t_n}
+        with torch.inference_mode():
+            return f_target(x_phi, t_n)
+    # The online and target nets under the same dropout masks (as openai's code runs them).
+    online, target = same_randomness(x0.device, lambda: f(x_n1, t_n1), target)
+    d = distance(online, target.clone())
     return (d if weighting is None else weighting(t_n, t_n1) * d).mean()
 
 
@@ -73,9 +82,14 @@ def consistency_training_loss(f, f_target, x0, N, distance, eps=0.002, T=80.0, r
     t_n, t_n1 = t[n], t[n + 1]
     # One z shared by both points of the pair: the Tweedie estimate of the ODE step.
     z = torch.randn_like(x0)
-    with torch.inference_mode():
-        target = f_target(x0 + _per_sample(t_n, x0) * z, t_n)
-    d = distance(f(x0 + _per_sample(t_n1, x0) * z, t_n1), target.clone())
+
+    def target():
+        with torch.inference_mode():
+            return f_target(x0 + _per_sample(t_n, x0) * z, t_n)
+    # The online and target nets under the same dropout masks (as openai's code runs them).
+    online, target = same_randomness(
+        x0.device, lambda: f(x0 + _per_sample(t_n1, x0) * z, t_n1), target)
+    d = distance(online, target.clone())
     return (d if weighting is None else weighting(t_n, t_n1) * d).mean()
 
 

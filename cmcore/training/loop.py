@@ -397,7 +397,7 @@ def _train_single(method, run):
         model.model.load_state_dict(run.teacher.model.state_dict())
     target, after, distance = None, None, None
     if spec.target:
-        target = copy.deepcopy(model).eval().requires_grad_(False)
+        target = copy.deepcopy(model).train().requires_grad_(False)  # dropout replay
         if run.start is not None:
             target.load_state_dict(run.start["target"])
         run.resume.extra = lambda: {"target": target.state_dict()}

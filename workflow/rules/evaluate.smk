@@ -10,6 +10,7 @@ rule evaluate:
         f"{OUT}/logs/evaluate_{{method}}_{{steps}}.log",
     benchmark:
         f"{OUT}/benchmarks/evaluate_{{method}}_{{steps}}.tsv"
+    priority: CHAIN_PRIORITY
     conda:
         ENV
     threads: CFG["threads"]

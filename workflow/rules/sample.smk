@@ -9,6 +9,7 @@ rule search_tau:
         f"{OUT}/logs/search_tau_{{method}}.log",
     benchmark:
         f"{OUT}/benchmarks/search_tau_{{method}}.tsv"
+    priority: CHAIN_PRIORITY
     conda:
         ENV
     threads: CFG["threads"]
@@ -41,6 +42,7 @@ rule sample:
         f"{OUT}/logs/sample_{{method}}_{{steps}}.log",
     benchmark:
         f"{OUT}/benchmarks/sample_{{method}}_{{steps}}.tsv"
+    priority: CHAIN_PRIORITY
     conda:
         ENV
     threads: CFG["threads"]
