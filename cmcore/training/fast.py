@@ -51,7 +51,7 @@ class _FlatLoop:
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         self._check_defaults()
-        self._flat_cache = {}  # parameter ids -> (flat parameter views, m, v, m views, v views)
+        self._flat_cache = {}  # parameter ids -> (flat m, flat v, m views, v views)
 
     @torch.no_grad()
     def step(self, closure=None):
