@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from cmcore.config_rules import non_finite, semantic_error, unused_key
+from cmcore.files import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -166,11 +167,9 @@ def write_resolved(cfg, path):
     with contextlib.suppress(OSError), open(path) as f:
         if f.read().split("\n", 1)[-1] == body:
             return
-    tmp = f"{path}.tmp"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(tmp, "w") as f:
+    with atomic(path) as tmp, open(tmp, "w") as f:
         f.write(f"# resolved config, code version {code_version()}\n{body}")
-    os.replace(tmp, path)
 
 
 def _type_of(node, root):

@@ -44,9 +44,10 @@ def make_model(net_cfg, kind, diffusion):
 
 def for_training(model, device):
     """``model`` laid out as training runs it: on CPU, 4-D (convolution) weights channels-last
-    (NHWC), the layout oneDNN convolves in; measured 4-6% faster training steps on 2 cores (the
-    same values, summed in another order: results move in the 5th digit, far within the spread
-    of seeds). Elsewhere, and for the MLP (no 4-D weights), ``model`` as it is."""
+    (NHWC), the layout oneDNN convolves in; measured 4-6% faster training steps on 2 cores. The
+    same sums in another order: results move like a rounding change (README: about 1% for the
+    Fig. 3 FIDs, within the spread of seeds). Elsewhere, and for the MLP (no 4-D weights),
+    ``model`` as it is."""
     if torch.device(device).type == "cpu":
         return model.to(memory_format=torch.channels_last)
     return model

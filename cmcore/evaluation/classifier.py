@@ -14,7 +14,6 @@ the architecture is inferred from the state dict's shapes, so a checkpoint needs
 
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmcore.files import atomic
 from cmcore.threads import torch_threads
 
 CHECKPOINT_FORMAT = "cmcore-classifier-v1"
@@ -169,7 +169,7 @@ def train_classifier(images_u8, labels, *, iters=1000, batch=128, lr=3e-3, seed=
 
 
 def save_classifier(path, state_dict, meta):
-    """Write ``{"format", "state_dict", "meta"}`` with torch.save to a temp file, then os.replace.
+    """Write ``{"format", "state_dict", "meta"}`` with torch.save, atomically (cmcore.files).
 
     ``meta`` must be JSON-serialisable (so that ``weights_only=True`` loading accepts it).
     """
@@ -180,14 +180,8 @@ def save_classifier(path, state_dict, meta):
     obj = {"format": CHECKPOINT_FORMAT, "state_dict": dict(state_dict), "meta": meta}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_classifier(path, map_location="cpu"):

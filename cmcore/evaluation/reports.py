@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pandas as pd
 
+from cmcore.files import atomic
+
 METHOD_ORDER = {"teacher": 0, "cd": 1, "ct": 2, "pd": 3, "ict": 4, "ect": 5, "cd_cont": 6,
                 "ct_cont": 7, "untrained": 8}
 COLUMNS = ["dataset", "method", "steps", "nfe", "fid", "isc", "isc_std", "precision", "recall",
@@ -115,9 +117,8 @@ def write_markdown(md, md_path, html_path, title):
 
 
 def _write_csv(df, path):
-    tmp = f"{path}.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def write_table(paths, csv_path, md_path, html_path, paper_md=None, paper_html=None):

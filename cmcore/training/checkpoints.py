@@ -1,7 +1,8 @@
 """Checkpoint files: the final checkpoint of a training run and the resume file it continues from.
 
 Both are ``torch.save`` of plain tensors, numbers, strings, lists and dicts (loaded with
-``weights_only=True``), written to ``<path>.tmp`` and renamed, so a reader never sees half a file.
+``weights_only=True``), written to a temporary file and renamed, so a reader never sees half a
+file.
 
 The resume file of a run whose output is ``<out>`` is ``<out>.partial`` (beside it). It is
 written every ``ckpt_every`` iterations and when SIGTERM, SIGUSR1 or Ctrl-C arrives, and holds
