@@ -7,10 +7,14 @@ RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: reproduce test test-cluster lint setup clean
+.PHONY: reproduce reproduce-conditional test test-cluster lint setup clean
 
 reproduce: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) reproduce_table
+
+# The class-conditional variant of the embedded default (results/conditional/).
+reproduce-conditional: $(STAMP)
+	$(RUN) snakemake --cores $(CORES) reproduce_table --configfile config/digits_conditional.yaml
 
 # Two pytest workers (pytest-xdist), a test file per worker at a time: the tests of the
 # session's tiny run (tests/test_tiny_run.py) share one worker, and one tiny run.

@@ -7,8 +7,10 @@ Torch-free: `snakemake -n` runs these on a login node, before any job.
 import math
 import os
 
-# Image side of the built-in data sets (npz and image_folder: dataset.resolution).
+# Image side and classes of the built-in data sets (npz and image_folder: dataset.resolution;
+# their classes are counted when training starts).
 RESOLUTION = {"digits": 8, "cifar10": 32}
+CLASSES = {"digits": 10, "cifar10": 10}
 DIGITS = 1797  # images of scikit-learn's digits, the classifier's data
 # torch-fidelity's Inception Score splits: each split needs samples.
 ISC_SPLITS = 10
@@ -83,9 +85,16 @@ def _network_error(cfg):
     if ds["name"] == "mixture":
         if net["arch"] != "mlp":
             return "network.arch: the 2-D mixture needs arch: mlp (the U-Nets take images)"
+        own = [name for name in TRAINING if "dropout" in cfg.get(name, {})]
+        if own:
+            return f"{own[0]}.dropout: the mlp has no dropout; remove the key"
         return None
     if net["arch"] == "mlp":
         return f"network.arch: mlp is for the 2-D mixture; {ds['name']} images need a U-Net"
+    classes, label_dim = CLASSES.get(ds["name"]), net.get("label_dim", 0)
+    if label_dim and classes and label_dim != classes:
+        return (f"network.label_dim: {ds['name']} has {classes} classes, not {label_dim}; set "
+                f"label_dim: {classes} (or 0 for an unconditional model)")
     res = RESOLUTION.get(ds["name"], ds.get("resolution"))
     if res is None:
         return None  # an npz without dataset.resolution: checked against the images

@@ -60,10 +60,15 @@ def train_settings(cfg, method):
     return view
 
 
+def label_keys(cfg):
+    """How a class-conditional model's sample labels are drawn (none for unconditional ones)."""
+    return ["sampling.labels"] if cfg.get("network", {}).get("label_dim") else []
+
+
 def sample_settings(cfg, method, steps, searched):
     """Drawing ``steps``-step samples: count, batch (it shapes the noise draws), seed, device,
     and the configured taus of Algorithm 1 unless a search supplies them."""
-    paths = ["seed", "device", "sampling.num_samples", "sampling.batch"]
+    paths = ["seed", "device", "sampling.num_samples", "sampling.batch", *label_keys(cfg)]
     if method not in DENOISERS + ("untrained",) and steps > 1 and not searched:
         paths.append(f"sampling.tau.{steps}")
     return pick(cfg, paths)
@@ -89,7 +94,7 @@ def settings(cfg, step, method=None, steps=None, run=None, seed=None):
         return pick(cfg, ["device", "dataset.name", *EXTRACTOR_KEYS])
     if step == "search-tau":
         return pick(cfg, ["device", "sampling.steps", "sampling.curve_steps", "sampling.batch",
-                          "sampling.tau_search", *EXTRACTOR_KEYS])
+                          "sampling.tau_search", *label_keys(cfg), *EXTRACTOR_KEYS])
     if step == "ablate":
         run_method, run_cfg = run_config(cfg, run, seed)
         view = train_settings(run_cfg, run_method)

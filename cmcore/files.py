@@ -8,7 +8,9 @@ import os
 @contextlib.contextmanager
 def atomic(path, suffix=""):
     """Yield a temporary path of this process beside ``path`` (ending in ``suffix``, as np.savez
-    needs '.npz'); rename it to ``path`` when the block ends, remove it if the block fails."""
+    needs '.npz'); rename it to ``path`` when the block ends, remove it if the block fails.
+    The folder of ``path`` is made if missing."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp{suffix}"
     try:
         yield tmp

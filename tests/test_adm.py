@@ -207,3 +207,18 @@ def test_class_labels_change_the_output():
     assert (out - other).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every sample changes
     assert torch.allclose(out, onehot, atol=1e-5)  # one-hot rows = integer labels
     assert not torch.allclose(out, none)
+
+
+def test_set_dropout_reaches_every_block():
+    """A method's own dropout on a copied network (PD's students): every rate of ADM and
+    SongUNet is the new one."""
+    from cmcore.networks import set_dropout
+    from cmcore.networks.layers import UNetBlock
+
+    song = {"arch": "ddpmpp", "img_resolution": 8, "in_channels": 1, "model_channels": 8,
+            "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.1}
+    for cfg in (SMALL, song):
+        net = set_dropout(build_network(cfg), 0.25)
+        rates = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] + \
+            [m.dropout for m in net.modules() if isinstance(m, UNetBlock)]
+        assert len(rates) >= 2 and set(rates) == {0.25}

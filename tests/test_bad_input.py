@@ -96,6 +96,8 @@ def _cases():
     more("inception without weights", "evaluation.inception_weights",
          evaluation__feature_extractor="inception")
     more("pretrained teacher missing", "teacher.pretrained", teacher__pretrained="/no/t.pt")
+    more("digits have ten classes", "network.label_dim", network__label_dim=5)
+    more("unknown label draw", "sampling.labels", sampling__labels="uniform")
     more("lpips without weights", "lpips_backbone", cd__distance="lpips",
          distance_options__lpips_backbone="pretrained")
     return cases

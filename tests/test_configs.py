@@ -82,6 +82,8 @@ def test_config_holds_the_paper_settings(tmp_path, name):
     assert (ct["batch"], ct["lr"], ct["s1"], ct["iters"]) == (
         (2048, 1e-4, 200, 800000) if big else (256, 5e-5, 150, 1000000)
     )
+    # The official runs: students at dropout 0 beside a teacher trained at 0.1.
+    assert (net["dropout"], cd["dropout"], ct["dropout"]) == (0.1, 0.0, 0.0)
     assert cfg["teacher"]["sampler_steps"] == 40  # Heun, 79 NFE
     assert cfg["sampling"]["num_samples"] == 50000
 
@@ -178,3 +180,16 @@ def test_config_readme_is_generated_from_the_schema():
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) > 100 and all(not line.endswith("|  |") for line in rows)
     assert "snapshot_every" in text and SCHEMA_PATH.name in text
+
+
+def test_conditional_digits_config_is_the_default_with_labels():
+    """config/digits_conditional.yaml differs from the embedded default in the labels, the
+    outdir and the parts it leaves out (ablations, Theorem 1, later recipes), nothing else."""
+    default = validate(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    cond = validate(yaml.safe_load((ROOT / "config" / "digits_conditional.yaml").read_text()))
+    assert cond["network"].pop("label_dim") == 10 and default["network"].pop("label_dim", 0) == 0
+    assert cond["outdir"] != default["outdir"]
+    assert not cond["ablations"]["enabled"] and not cond["theorem1"]["enabled"]
+    skip = {"outdir", "ablations", "theorem1", "ict", "ect", "cd_cont", "ct_cont"}
+    assert {k: v for k, v in cond.items() if k not in skip} == \
+        {k: v for k, v in default.items() if k not in skip}

@@ -123,3 +123,32 @@ def test_training_leaves_the_callers_generator_alone(tmp_path):
         assert torch.equal(torch.get_rng_state(), before)
         emas.append(ckpt["ema"])
     assert all(torch.equal(emas[0][k], emas[1][k]) for k in emas[0])
+
+
+def test_each_method_trains_with_its_own_dropout(tmp_path):
+    """A teacher at network.dropout 0.3, CD at cd.dropout 0 and PD at pd.dropout 0.2: each
+    checkpoint records its own rate, CD's network differs from its teacher's only there, and
+    CD ran at its own rate (bitwise the run whose network section says 0)."""
+    from conftest import TINY
+
+    cfg = copy.deepcopy(TINY)
+    cfg["network"]["dropout"] = 0.3
+    cfg["teacher"]["iters"] = 2
+    cfg["cd"].update(iters=2, dropout=0.0)
+    cfg["pd"].update(iters=1, dropout=0.2)
+    cfg = validate(cfg)
+    data = str(tmp_path / "data.npz")
+    save_prepared(data, *load_dataset(cfg["dataset"], seed=0))
+    quiet = {"echo": lambda s: None}
+    teacher = str(tmp_path / "teacher.pt")
+    t = train(cfg, "teacher", data, teacher, **quiet)
+    cd = train(cfg, "cd", data, str(tmp_path / "cd.pt"), teacher, **quiet)
+    pd = train(cfg, "pd", data, str(tmp_path / "pd.pt"), teacher, **quiet)
+    assert (t["net"]["dropout"], cd["net"]["dropout"], pd["net"]["dropout"]) == (0.3, 0.0, 0.2)
+    assert {k: v for k, v in cd["net"].items() if k != "dropout"} == \
+        {k: v for k, v in t["net"].items() if k != "dropout"}
+    # At 0.3 the student would draw dropout masks and differ.
+    same = validate({**cfg, "network": {**cfg["network"], "dropout": 0.0},
+                     "cd": {k: v for k, v in cfg["cd"].items() if k != "dropout"}})
+    cd0 = train(same, "cd", data, str(tmp_path / "cd0.pt"), teacher, **quiet)
+    assert all(torch.equal(cd["ema"][k], cd0["ema"][k]) for k in cd["ema"])

@@ -103,11 +103,12 @@ def cmd_sample(args, cfg):
     if args.taus:  # searched taus of this model (cm search-tau): the first steps - 1
         with open(args.taus) as f:
             taus, source = json.load(f)["taus"][:args.steps - 1], args.taus
-    images, meta = sample_checkpoint(ckpt, args.steps, smp["num_samples"], smp["batch"],
-                                     cfg["seed"], pick_device(cfg["device"]), taus)
+    images, meta, labels = sample_checkpoint(
+        ckpt, args.steps, smp["num_samples"], smp["batch"], cfg["seed"],
+        pick_device(cfg["device"]), taus, labels=smp.get("labels", "balanced"))
     meta["tau_source"] = source if meta["taus"] else "-"
-    with atomic(args.out, ".npz") as tmp:
-        np.savez(tmp, arr_0=images)
+    with atomic(args.out, ".npz") as tmp:  # openai's layout: images arr_0, class labels arr_1
+        np.savez(tmp, arr_0=images, **({} if labels is None else {"arr_1": labels}))
     meta.update(checkpoint=args.checkpoint, code_version=config_mod.code_version())
     with atomic(args.meta or os.path.splitext(args.out)[0] + ".json") as tmp, \
             open(tmp, "w") as f:
@@ -143,15 +144,18 @@ def cmd_evaluate(args, cfg):
     metrics_of, weights = _metrics_of(args, cfg, args.reference)
     with np.load(args.samples) as f:
         samples = f["arr_0"]
+        labels = f["arr_1"] if "arr_1" in f else None  # the requested classes, if conditional
     if args.dry_run:
         return f"would evaluate {samples.shape[0]} samples -> {args.out}"
     metrics = metrics_of(samples)
     with open(args.meta or os.path.splitext(args.samples)[0] + ".json") as f:
         meta = json.load(f)
     if cfg["evaluation"]["feature_extractor"] == "classifier":
-        from cmcore.evaluation.classifier import load_classifier
+        from cmcore.evaluation.classifier import label_accuracy, load_classifier
 
         metrics["extractor_accuracy"] = load_classifier(weights)[1].get("holdout_accuracy")
+        if labels is not None:  # does the sample show the class it was asked for?
+            metrics["label_accuracy"] = label_accuracy(weights, samples, labels)
     name = cfg["dataset"]["name"]
     record = {**meta, **metrics, "dataset": name,
               "reference_set": f"{name} training set ({args.reference})"}
@@ -217,7 +221,8 @@ def cmd_search_tau(args, cfg):
     taus, trace = search_checkpoint_taus(
         ckpt, n_taus, lambda images: metrics_of(images, fid_only=True)["fid"],
         num_samples=ts["num_samples"], batch=smp["batch"], seed=ts["seed"],
-        device=pick_device(cfg["device"]), iters=ts["iters"])
+        device=pick_device(cfg["device"]), iters=ts["iters"],
+        labels=smp.get("labels", "balanced"))
     record = {"taus": taus, "method": ckpt["method"], "checkpoint": args.checkpoint,
               "search": ts, "score": "FID",
               "trace": [{"taus": list(t), "fid": v} for t, v in trace],
@@ -228,7 +233,10 @@ def cmd_search_tau(args, cfg):
 
 
 def cmd_edit(args, cfg):
+    import torch
+
     from cmcore.data import load_prepared, to_model_space, to_uint8
+    from cmcore.diffusion.precond import one_hot
     from cmcore.evaluation.reports import save_grid
     from cmcore.experiments.edit_demos import demo
     from cmcore.models import model_from_checkpoint
@@ -240,12 +248,13 @@ def cmd_edit(args, cfg):
         raise ValueError(f"{args.checkpoint} holds a {ckpt['method']} model; editing needs a "
                          "consistency model (editing.method)")
     ed = cfg["editing"]
-    images, _ = load_prepared(args.data)
+    images, classes = load_prepared(args.data)
     if args.dry_run:
         return f"would write {args.task} edits of {ed['num_images']} images -> {args.out}"
     f = model_from_checkpoint(ckpt)
     x = to_model_space(images[: ed["num_images"]])
-    rows, labels = demo(f, args.task, x, ed["taus"], seed=cfg["seed"])
+    y = one_hot(torch.as_tensor(classes[: ed["num_images"]]), ckpt["net"].get("label_dim", 0))
+    rows, labels = demo(f, args.task, x, ed["taus"], seed=cfg["seed"], class_labels=y)
     save_grid(np.concatenate([to_uint8(r) for r in rows]), args.out, ncol=x.shape[0])
     return f"wrote {args.out}: rows {', '.join(labels)}"
 

@@ -5,7 +5,10 @@ Both wrappers keep the backbone as ``self.model`` so that their state-dict keys 
 match NVlabs/edm's ``EDMPrecond`` and a published teacher loads into either wrapper.
 """
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 
 def _per_sample(t, x):
@@ -13,6 +16,20 @@ def _per_sample(t, x):
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1)
     t = t.expand(x.shape[0]) if t.numel() == 1 else t
     return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def one_hot(labels, label_dim):
+    """Integer class labels (B,) -> one-hot float rows (B, label_dim), EDM's label input; None
+    for an unconditional network (``label_dim`` 0) or no labels."""
+    if not label_dim or labels is None:
+        return None
+    return F.one_hot(labels.long(), label_dim).float()
+
+
+def conditioned(net, class_labels):
+    """net(x, t, class_labels=y) as a function of (x, t): every evaluation of one step (online,
+    target, teacher, sampler) given the same labels y; ``net`` itself when y is None."""
+    return net if class_labels is None else functools.partial(net, class_labels=class_labels)
 
 
 class Denoiser(torch.nn.Module):

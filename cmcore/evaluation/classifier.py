@@ -114,6 +114,19 @@ def accuracy(net, x, y, batch=1000):
     return correct / max(len(y), 1)
 
 
+def label_accuracy(path, images_u8, labels):
+    """acc = (1/n) sum_i [argmax_k logits_k(x_i) = y_i]: how often the classifier at ``path``
+    sees the requested class y_i in a class-conditional sample x_i (chance: 1 / classes)."""
+    net, meta = load_classifier(path)
+    if len(images_u8) != len(labels):
+        raise ValueError(f"{len(images_u8)} samples but {len(labels)} class labels")
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if int(y.min()) < 0 or int(y.max()) >= net.num_classes:
+        raise ValueError(f"class labels span {int(y.min())}..{int(y.max())}; the classifier "
+                         f"knows {net.num_classes} classes")
+    return accuracy(net, _as_nchw_float(images_u8), y)
+
+
 def train_classifier(images_u8, labels, *, iters=1000, batch=128, lr=3e-3, seed=0,
                      holdout_fraction=0.2, max_shift=1, num_threads=1):
     """Minimise the cross-entropy of DigitsClassifier with Adam on a stratified, seeded split.

@@ -12,7 +12,8 @@ from cmcore.files import atomic
 METHOD_ORDER = {"teacher": 0, "cd": 1, "ct": 2, "pd": 3, "ict": 4, "ect": 5, "cd_cont": 6,
                 "ct_cont": 7, "untrained": 8}
 COLUMNS = ["dataset", "method", "steps", "nfe", "fid", "isc", "isc_std", "precision", "recall",
-           "num_samples", "feature_extractor", "extractor_accuracy", "reference_set",
+           "label_accuracy", "labels", "num_samples", "feature_extractor",
+           "extractor_accuracy", "reference_set",
            "train_iters", "distance", "sampler", "taus", "seed", "code_version"]
 LABELS = {"teacher": "EDM teacher (Heun)", "cd": "CD", "ct": "CT", "pd": "PD",
           "ict": "iCT (2023)", "ect": "ECT (2024)", "cd_cont": "CD, continuous time",
@@ -37,11 +38,15 @@ def gather(paths):
 def markdown(df):
     """A readable Markdown table: the headline columns, numbers rounded, provenance below."""
     view = df.assign(method=df["method"].map(LABELS).fillna(df["method"]))
-    view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall", "distance",
-                 "taus", "train_iters"]]
+    conditional = df["label_accuracy"].notna().any()
+    view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall"]
+                + ["label_accuracy"] * conditional + ["distance", "taus", "train_iters"]]
     table = view.to_markdown(index=False, floatfmt=".3f")
     first = df.iloc[0]
     notes = [
+        "Class-conditional samples: label_accuracy is the fraction the feature extractor "
+        f"classifies as the requested class ({first['labels']} labels; chance is 1 / classes)."
+    ] * conditional + [
         f"Data set: {first['dataset']}; {first['num_samples']} samples per row against the "
         f"{first['reference_set']}.",
         f"Feature extractor: {first['feature_extractor']}"

@@ -21,8 +21,8 @@ def score_snapshots(ckpt, metrics_of, *, num_samples, batch, seed, device):
     snapshots = {**ckpt.get("snapshots", {}), str(ckpt["train_iters"]): ckpt["ema"]}
     rows = []
     for k in sorted(snapshots, key=int):
-        images, _ = sample_checkpoint({**ckpt, "ema": snapshots[k]}, 1, num_samples, batch, seed,
-                                      device)
+        images, _, _ = sample_checkpoint({**ckpt, "ema": snapshots[k]}, 1, num_samples, batch,
+                                         seed, device)
         m = metrics_of(images)
         rows.append({"iters": int(k), "fid": m["fid"], "isc": m["isc_mean"],
                      "precision": m["precision"], "recall": m["recall"],

@@ -4,7 +4,9 @@ A method names its model kind (a denoiser D or a consistency function f), whethe
 from the teacher's weights, whether it keeps a target network theta^- (updated after each step
 as theta^- <- mu theta^- + (1 - mu) theta), and its loss builder. A builder takes the method's
 settings ``opt`` and a Context and returns loss_fn(k) -> (loss, stats) for
-cmcore.training.loop.fit; ``stats['mu']`` is the target's decay.
+cmcore.training.loop.fit; ``stats['mu']`` is the target's decay. Class-conditional data: each
+step's networks (online, target, teacher and so its ODE step) see the labels of the step's data
+points (Context.draw).
 
     teacher   EDM denoising loss (the teacher of CD and PD)
     cd, ct    the paper's Algorithms 2 and 3
@@ -20,6 +22,7 @@ the teacher is cmcore.dag.NEEDS_TEACHER (the DAG reads it without torch).
 from dataclasses import dataclass
 
 from cmcore.diffusion import schedules
+from cmcore.diffusion.precond import conditioned
 from cmcore.diffusion.solvers import get_solver
 from cmcore.methods import continuous, ect, ict, objectives
 
@@ -36,7 +39,8 @@ class Method:
 class Context:
     """What a loss builder works with: the online network (f_theta or D_theta), the target
     f_theta^- (None without one), the teacher D_phi (None without one), batch(n) -> n data
-    points, the Karras grid (eps, T, rho), the distance d and sigma_data."""
+    points x, or (x, y) with their one-hot class labels y, the Karras grid (eps, T, rho), the
+    distance d and sigma_data."""
 
     net: object
     target: object
@@ -46,18 +50,29 @@ class Context:
     distance: object
     sigma_data: float
 
+    def draw(self, n):
+        """(x, f_theta, f_theta^-, D_phi) for n data points x: the networks given the points'
+        class labels, the same to all three (as they are for unlabelled data)."""
+        out = self.batch(n)
+        x, y = out if isinstance(out, tuple) else (out, None)
+        return x, *(None if m is None else conditioned(m, y)
+                    for m in (self.net, self.target, self.teacher))
+
 
 def _teacher(opt, c):
-    return lambda k: (objectives.edm_loss(c.net, c.batch(opt["batch"]), c.sigma_data), {})
+    def loss_fn(k):
+        x, D, _, _ = c.draw(opt["batch"])
+        return objectives.edm_loss(D, x, c.sigma_data), {}
+    return loss_fn
 
 
 def _cd(opt, c):
     solver = get_solver(opt["solver"])
 
     def loss_fn(k):
-        loss = objectives.consistency_distillation_loss(
-            c.net, c.target, c.teacher, c.batch(opt["batch"]), opt["N"], solver, c.distance,
-            **c.grid)
+        x, f, f_target, D = c.draw(opt["batch"])
+        loss = objectives.consistency_distillation_loss(f, f_target, D, x, opt["N"], solver,
+                                                        c.distance, **c.grid)
         return loss, {"N": opt["N"], "mu": opt["target_mu"]}
     return loss_fn
 
@@ -70,8 +85,8 @@ def _ct(opt, c):
             N = schedules.ct_N(k, opt["iters"], opt["s0"], opt["s1"])
             mu = schedules.ct_mu(k, opt["iters"], opt["s0"], opt["s1"], opt["mu0"],
                                  opt["schedule_variant"])
-        loss = objectives.consistency_training_loss(
-            c.net, c.target, c.batch(opt["batch"]), N, c.distance, **c.grid)
+        x, f, f_target, _ = c.draw(opt["batch"])
+        loss = objectives.consistency_training_loss(f, f_target, x, N, c.distance, **c.grid)
         return loss, {"N": N, "mu": mu}
     return loss_fn
 
@@ -80,7 +95,8 @@ def _ict(opt, c):
     def loss_fn(k):
         # Exponential curriculum N(k); lognormal pair index; 1 / dt weighting; theta^- = theta.
         N = ict.ict_N(k, opt["iters"], opt["s0"], opt["s1"])
-        loss = ict.ict_loss(c.net, c.batch(opt["batch"]), N, P_mean=opt["P_mean"],
+        x, f, _, _ = c.draw(opt["batch"])
+        loss = ict.ict_loss(f, x, N, P_mean=opt["P_mean"],
                             P_std=opt["P_std"], distance=c.distance, **c.grid)
         return loss, {"N": N}
     return loss_fn
@@ -90,7 +106,8 @@ def _ect(opt, c):
     d = max(1, round(opt["iters"] / opt["stages"]))  # iterations per halving of t - r
 
     def loss_fn(k):
-        loss = ect.ect_loss(c.net, c.batch(opt["batch"]), k, d, q=opt["q"],
+        x, f, _, _ = c.draw(opt["batch"])
+        loss = ect.ect_loss(f, x, k, d, q=opt["q"],
                             P_mean=opt["P_mean"], P_std=opt["P_std"], eps=c.grid["eps"],
                             T=c.grid["T"], distance=c.distance)
         return loss, {"ect_stage": ect.ect_stage(k, d)}
@@ -98,13 +115,17 @@ def _ect(opt, c):
 
 
 def _cd_cont(opt, c):
-    return lambda k: (continuous.continuous_cd_loss(c.net, c.teacher, c.batch(opt["batch"]),
-                                                    c.distance, **c.grid), {})
+    def loss_fn(k):
+        x, f, _, D = c.draw(opt["batch"])
+        return continuous.continuous_cd_loss(f, D, x, c.distance, **c.grid), {}
+    return loss_fn
 
 
 def _ct_cont(opt, c):
-    return lambda k: (continuous.continuous_ct_loss(c.net, c.batch(opt["batch"]), c.distance,
-                                                    **c.grid), {})
+    def loss_fn(k):
+        x, f, _, _ = c.draw(opt["batch"])
+        return continuous.continuous_ct_loss(f, x, c.distance, **c.grid), {}
+    return loss_fn
 
 
 METHODS = {

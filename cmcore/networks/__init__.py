@@ -17,6 +17,7 @@ Architecture presets (as EDM's train.py sets them; keys given in cfg override th
 from torch import nn
 
 from .adm import ADM_PRESETS, ADMUNet
+from .layers import UNetBlock
 from .mlp import MLP
 from .songunet import SongUNet
 
@@ -28,6 +29,7 @@ __all__ = [
     "SongUNet",
     "build_network",
     "count_parameters",
+    "set_dropout",
 ]
 
 # Per-architecture (class, default constructor kwargs).
@@ -76,3 +78,14 @@ def build_network(cfg: dict) -> nn.Module:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (buffers excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Every dropout rate inside ``model`` set to p (SongUNet's blocks keep theirs as a float,
+    ADM's as nn.Dropout): a method's own dropout on a network copied from another run."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, UNetBlock):
+            m.dropout = p
+    return model

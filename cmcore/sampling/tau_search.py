@@ -72,7 +72,8 @@ def greedy_tau_search(
     return taus, trace
 
 
-def search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, device, iters):
+def search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, device, iters,
+                           labels="balanced"):
     """The greedy search of ``n_taus`` taus for a consistency-model checkpoint, each candidate
     scored by ``fid(images)`` of ``num_samples`` samples drawn with the search's own ``seed``
     (not the evaluation's, so the reported FID is not the one the search minimised). The taus
@@ -81,10 +82,12 @@ def search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, devic
     The images of (tau_1, ..., tau_i) are those of sample_checkpoint with these taus, bitwise,
     but Algorithm 1's steps before tau_i, the same for every candidate tau_i, run once: per
     batch, the state after tau_{i-1} and the noise xi of the last step are kept while tau_i is
-    searched, and each candidate costs one network evaluation."""
+    searched, and each candidate costs one network evaluation. A class-conditional model
+    samples the labels ``labels`` says, as sample_checkpoint does."""
     import numpy as np
     import torch
 
+    from cmcore.diffusion.precond import conditioned
     from cmcore.models import model_from_checkpoint
     from cmcore.sampling.samplers import (
         consistency_sample,
@@ -103,9 +106,10 @@ def search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, devic
         # Algorithm 1 up to tau_{i-1}, drawing z and xi as sample_checkpoint does.
         generator = torch.Generator(device).manual_seed(seed)
         out = []
-        for z in noise_batches(ckpt, num_samples, batch, generator):
-            x = consistency_sample(model, z, head, eps, T, generator)
-            out.append((x, draw_xi(x, generator)))
+        for z, y in noise_batches(ckpt, num_samples, batch, generator, labels):
+            f = conditioned(model, y)
+            x = consistency_sample(f, z, head, eps, T, generator)
+            out.append((f, x, draw_xi(x, generator)))
         return out
 
     def score(taus):
@@ -113,7 +117,7 @@ def search_checkpoint_taus(ckpt, n_taus, fid, *, num_samples, batch, seed, devic
         if tuple(head) not in prefix:
             prefix.clear()  # greedy: an earlier prefix is never searched again
             prefix[tuple(head)] = states(head)
-        images = [to_numpy(renoise_denoise(model, x, xi, tau, eps))
-                  for x, xi in prefix[tuple(head)]]
+        images = [to_numpy(renoise_denoise(f, x, xi, tau, eps))
+                  for f, x, xi in prefix[tuple(head)]]
         return fid(np.concatenate(images))
     return greedy_tau_search(score, n_taus, lo=eps, hi=T, iters=iters, rho=d["rho"])

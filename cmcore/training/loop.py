@@ -42,6 +42,7 @@ from cmcore import dag
 from cmcore.config import code_version
 from cmcore.data import load_prepared, to_model_space
 from cmcore.diffusion import schedules
+from cmcore.diffusion.precond import one_hot
 from cmcore.methods import objectives, registry
 from cmcore.methods.distances import get_distance
 from cmcore.models import (
@@ -51,6 +52,7 @@ from cmcore.models import (
     network_config,
     pick_device,
 )
+from cmcore.networks import set_dropout
 from cmcore.training import fast
 from cmcore.training.checkpoints import (
     FORMAT,
@@ -292,9 +294,6 @@ def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ck
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     section = dag.section(method)
-    if cfg["network"].get("label_dim"):  # refuse rather than train a conditional net blind
-        raise ValueError("network.label_dim: class-conditional training (ImageNet 64) does not "
-                         "pass class labels yet; set label_dim: 0 or use an unconditional config")
     if section and section not in cfg:
         raise ValueError(f"the config has no {section!r} section to train {method} with; add one "
                          "(config/config.yaml has every method's)")
@@ -324,19 +323,34 @@ def _teacher_checkpoint(path, method, net_cfg):
     if ckpt["kind"] != "denoiser":
         raise ValueError(f"{path} holds a {ckpt['method']} consistency model; {method} needs the "
                          "teacher's denoiser D (cm train --method teacher)")
-    if ckpt["net"] != net_cfg:
-        diff = sorted(k for k in set(ckpt["net"]) | set(net_cfg)
-                      if ckpt["net"].get(k) != net_cfg.get(k))
+    diff = sorted(k for k in set(ckpt["net"]) | set(net_cfg)
+                  if k != "dropout" and ckpt["net"].get(k) != net_cfg.get(k))
+    if diff:  # the dropout rate is each method's own
         raise ValueError(f"{path}: the teacher's network differs from this config's in "
                          f"{', '.join(diff)}; train the teacher with this config's network")
     return ckpt
 
 
+def check_labels(labels, label_dim):
+    """ValueError (one line) unless the data's class labels index a ``label_dim``-way label."""
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= label_dim:
+        raise ValueError(f"network.label_dim is {label_dim}, but the data's class labels span "
+                         f"{lo}..{hi}; set it to the data set's number of classes")
+
+
 def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every, echo, world,
            device):
-    data = load_prepared(data_path)[0]
+    data, labels = load_prepared(data_path)
     x_all = to_model_space(data).to(device)
     net_cfg = network_config(cfg["network"], x_all.shape)
+    own = cfg.get(dag.section(method), {})  # None (untrained): no section
+    if "dropout" in own and "dropout" in net_cfg:  # the method's own dropout (paper configs)
+        net_cfg["dropout"] = own["dropout"]
+    label_dim = net_cfg.get("label_dim", 0)
+    if label_dim:  # class-conditional: every step's networks see the drawn points' labels
+        check_labels(labels, label_dim)
+        y_all = torch.as_tensor(labels, device=device)
     diff = cfg["diffusion"]
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
@@ -351,11 +365,14 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
         echo = lambda line: None  # noqa: E731
 
     def batch(size):
-        x = x_all[torch.randint(0, x_all.shape[0], (size,), device=device)]
+        i = torch.randint(0, x_all.shape[0], (size,), device=device)
+        x = x_all[i]
         if cfg["dataset"]["xflip"]:
             flip = torch.rand(size, device=device) < 0.5
             x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-        return world.local(x)  # this rank's rows of the global batch
+        if not label_dim:
+            return world.local(x)  # this rank's rows of the global batch
+        return world.local(x), world.local(one_hot(y_all[i], label_dim))
 
     if world.is_main:
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -430,12 +447,16 @@ def _train_pd(run):
             current.load_state_dict(stages[str(2 * steps)])
     while steps >= 1:
         student = copy.deepcopy(current).train().requires_grad_(True)
+        if "dropout" in opt and "dropout" in run.net_cfg:
+            set_dropout(student, opt["dropout"])  # PD's own, not its teacher's
         net = run.world.wrap(student)
 
-        def loss_fn(k, student=net, current=current, steps=steps):
-            x = run.batch(opt["batch"])
+        context = registry.Context(net, None, current, run.batch, run.grid, None, sd)
+
+        def loss_fn(k, context=context, steps=steps):
+            x, student, _, teacher = context.draw(opt["batch"])
             return objectives.progressive_distillation_loss(
-                student, current, x, steps, sd, **run.grid), {"steps": steps}
+                student, teacher, x, steps, sd, **run.grid), {"steps": steps}
         run.resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
         ema, _, _ = fit(student, loss_fn, opt, run.log, None, run.echo, label=f"pd{steps}",
                         resume=run.resume, start=start, world=run.world)
