@@ -182,6 +182,9 @@ def _files_error(cfg):
     ):
         return (f"evaluation.inception_weights: file not found ({ev['inception_weights']!r}); get "
                 "weights-inception-2015-12-05-6726825d.pth from the torch-fidelity releases")
+    if ev["reference"] and not os.path.isfile(ev["reference"]):
+        return (f"evaluation.reference: {ev['reference']!r} not found; get the paper's reference "
+                "batch (ADM's VIRTUAL_*.npz, EDM's fid-refs) or set it to null")
     if ev["feature_extractor"] == "classifier" and ds["name"] != "digits":
         return "evaluation.feature_extractor: 'classifier' is trained on digits only; use inception"
     c = ev["classifier"]

@@ -91,7 +91,7 @@ def settings(cfg, step, method=None, steps=None, run=None, seed=None):
     if step == "sample":
         return sample_settings(cfg, method, steps, searched)
     if step == "evaluate":
-        return pick(cfg, ["device", "dataset.name", *EXTRACTOR_KEYS])
+        return pick(cfg, ["device", "dataset.name", "evaluation.reference", *EXTRACTOR_KEYS])
     if step == "search-tau":
         return pick(cfg, ["device", "sampling.steps", "sampling.curve_steps", "sampling.batch",
                           "sampling.tau_search", *label_keys(cfg), *EXTRACTOR_KEYS])

@@ -96,3 +96,16 @@ def tiny_run(tmp_path_factory):
     r = snakemake("reproduce_table", "reproduce_extras", "--cores", "2", "--configfile", config)
     assert r.returncode == 0, r.stderr[-3000:]
     return config, tmp / HOSTILE_OUTDIR
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    """A digits classifier (150 iterations: about 97% held-out accuracy), trained once."""
+    from cmcore.data import load_digits
+    from cmcore.evaluation.classifier import save_classifier, train_classifier
+
+    images, labels = load_digits()
+    state, meta = train_classifier(images, labels, iters=150, batch=128, seed=0)
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    save_classifier(path, state, meta)
+    return path

@@ -97,6 +97,7 @@ def _cases():
          evaluation__feature_extractor="inception")
     more("pretrained teacher missing", "teacher.pretrained", teacher__pretrained="/no/t.pt")
     more("digits have ten classes", "network.label_dim", network__label_dim=5)
+    more("reference batch missing", "evaluation.reference", evaluation__reference="/no/ref.npz")
     more("unknown label draw", "sampling.labels", sampling__labels="uniform")
     more("lpips without weights", "lpips_backbone", cd__distance="lpips",
          distance_options__lpips_backbone="pretrained")

@@ -93,6 +93,7 @@ def test_cifar10_reader_and_paper_config(tmp_path, lpips_hub):
     weights.write_bytes(b"")
     cfg = yaml.safe_load((ROOT / "config/cifar10.yaml").read_text())
     cfg["dataset"]["path"], cfg["evaluation"]["inception_weights"] = str(tar_path), str(weights)
+    cfg["evaluation"]["reference"] = str(weights)  # a stand-in: validation checks it is there
     resolved = validate(cfg)
     assert resolved["cd"]["distance"] == "lpips" and resolved["network"]["model_channels"] == 128
 

@@ -46,6 +46,9 @@ def local_copy(tmp_path, config_name, **dataset):
         image_folder(folder)
     cfg["dataset"].update({"path": str(folder), **dataset})
     cfg["evaluation"]["inception_weights"] = str(weights)
+    reference = tmp_path / "reference.npz"  # a stand-in: a dry run reads none
+    reference.write_bytes(b"")
+    cfg["evaluation"]["reference"] = str(reference)
     cfg["outdir"] = str(tmp_path / "results")
     path = tmp_path / f"{config_name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -12,7 +12,7 @@ from conftest import cm, tiny_config
 
 from cmcore.data import load_digits
 from cmcore.diffusion.precond import ConsistencyFunction, Denoiser, conditioned, one_hot
-from cmcore.evaluation.classifier import label_accuracy, save_classifier, train_classifier
+from cmcore.evaluation.classifier import label_accuracy
 from cmcore.methods import objectives, registry
 from cmcore.methods.distances import get_distance
 from cmcore.networks.mlp import MLP
@@ -113,15 +113,6 @@ def test_balanced_and_random_label_draws():
     assert draw_labels(5, 0, "balanced", g) is None
     with pytest.raises(ValueError, match="sampling.labels"):
         draw_labels(5, 10, "uniform", g)
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    images, labels = load_digits()
-    state, meta = train_classifier(images, labels, iters=150, batch=128, seed=0)
-    path = tmp_path_factory.mktemp("clf") / "classifier.pt"
-    save_classifier(path, state, meta)
-    return path
 
 
 def test_label_accuracy_of_real_digits(classifier):

@@ -103,7 +103,9 @@ def test_documented_commands_plan_their_dag(tmp_path, lpips_hub):
     data = tmp_path / "data"
     for folder in ("imagenet/train", "lsun/bedroom_train", "lsun/cat_train"):
         (data / folder).mkdir(parents=True)
-    for file in ("cifar-10-python.tar.gz", "weights-inception-2015-12-05-6726825d.pth"):
+    for file in ("cifar-10-python.tar.gz", "weights-inception-2015-12-05-6726825d.pth",
+                 "cifar10-32x32.npz", "VIRTUAL_imagenet64_labeled.npz",
+                 "VIRTUAL_lsun_bedroom256.npz", "VIRTUAL_lsun_cat256.npz"):
         (data / file).write_bytes(b"")
     commands = _documented_commands()
     assert any("--profile slurm" in c for c in commands) and len(commands) >= 5, commands

@@ -104,6 +104,8 @@ def build_parser():
     p.add_argument("--samples", required=True)
     p.add_argument("--meta", default=None, help="sidecar of cm sample (default: beside)")
     p.add_argument("--reference", required=True, help="prepared data set (npz)")
+    p.add_argument("--reference-batch", default=None,
+                   help="published reference batch (npz with mu, sigma): FID against it")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p = add("table", cmd_table, "gather metric JSON files into CSV, Markdown and HTML tables")
     tables(p)

@@ -118,9 +118,10 @@ def cmd_sample(args, cfg):
     return f"wrote {args.out}: {images.shape[0]} samples, NFE {meta['nfe']}"
 
 
-def _metrics_of(args, cfg, reference_path):
+def _metrics_of(args, cfg, reference_path, batch=None):
     """(metrics(images, fid_only=False) -> compute_metrics's dict, extractor weights) against the
-    reference."""
+    reference; with ``batch`` (a published ReferenceBatch) FID against its statistics and
+    precision/recall against its images, if it has them."""
     from cmcore.data import load_prepared
     from cmcore.evaluation.metrics import compute_metrics
     from cmcore.models import pick_device
@@ -130,18 +131,26 @@ def _metrics_of(args, cfg, reference_path):
         ev["inception_weights"]
     if not weights or not os.path.isfile(weights):
         raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings)")
-    reference, _ = load_prepared(reference_path)
+    if batch is not None and batch.images is not None:
+        reference = batch.images
+    else:
+        reference, _ = load_prepared(reference_path)
+    stats = None if batch is None else (batch.mu, batch.sigma)
 
     def metrics(images, fid_only=False):
         return compute_metrics(images, reference, extractor=ev["feature_extractor"],
                                weights_path=weights, prc_neighborhood=ev["prc_neighborhood"],
-                               device=pick_device(cfg["device"]), fid_only=fid_only)
+                               device=pick_device(cfg["device"]), fid_only=fid_only,
+                               reference_stats=stats)
     return metrics, weights
 
 
 def cmd_evaluate(args, cfg):
+    from cmcore.evaluation.reference import load_reference_batch
+
     cfg = dag.settings(cfg, "evaluate")
-    metrics_of, weights = _metrics_of(args, cfg, args.reference)
+    batch = load_reference_batch(args.reference_batch) if args.reference_batch else None
+    metrics_of, weights = _metrics_of(args, cfg, args.reference, batch)
     with np.load(args.samples) as f:
         samples = f["arr_0"]
         labels = f["arr_1"] if "arr_1" in f else None  # the requested classes, if conditional
@@ -157,8 +166,8 @@ def cmd_evaluate(args, cfg):
         if labels is not None:  # does the sample show the class it was asked for?
             metrics["label_accuracy"] = label_accuracy(weights, samples, labels)
     name = cfg["dataset"]["name"]
-    record = {**meta, **metrics, "dataset": name,
-              "reference_set": f"{name} training set ({args.reference})"}
+    reference = batch.describe() if batch else f"{name} training set ({args.reference})"
+    record = {**meta, **metrics, "dataset": name, "reference_set": reference}
     with atomic(args.out) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     return f"wrote {args.out}: FID {metrics['fid']:.3f}"

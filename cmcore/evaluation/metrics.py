@@ -179,7 +179,7 @@ def check_weights(extractor, weights_path):
 
 def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier", weights_path,
                     device="cpu", prc_neighborhood=3, isc_splits=10, batch_size=None, seed=2020,
-                    num_threads=None, fid_only=False):
+                    num_threads=None, fid_only=False, reference_stats=None):
     """FID(samples, reference), IS(samples), precision and recall in one torch-fidelity call.
 
     ``samples`` is torch-fidelity's input1 (generated) and ``reference`` its input2 (real): IS is
@@ -188,6 +188,8 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
     ``seed`` fixes the shuffling before the IS splits; ``num_threads`` (None: unchanged) sets
     torch's intra-op threads for the call. ``fid_only``: FID alone (the same number; IS and
     precision/recall, not computed, are NaN), as the tau search scores its candidates.
+    ``reference_stats`` ((mu, sigma) of a published reference batch, cmcore.evaluation.reference):
+    FID against them instead of against ``reference``, which precision/recall still use.
     Returns a plain dict with fid, isc_mean, isc_std, precision, recall, f_score, num_samples,
     num_reference, feature_extractor (name, layers and weights path) and the layer names used.
     """
@@ -216,20 +218,17 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
         layers = dict(isc="logits_unbiased", fid="2048", prc="2048")
     cuda = torch.device(device).type == "cuda"
 
+    batch = batch_size or default_batch
     with torch_threads(num_threads):
-        out = torch_fidelity.calculate_metrics(
-            input1=ImagesU8Dataset(samples_u8_nhwc, channels),
-            input2=ImagesU8Dataset(reference_u8_nhwc, channels),
-            isc=not fid_only, fid=True, prc=not fid_only, kid=False, ppl=False,
-            feature_extractor=name, feature_extractor_weights_path=os.fspath(weights_path),
-            feature_layer_isc=layers["isc"], feature_layer_fid=layers["fid"],
-            feature_layer_prc=layers["prc"],
-            isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, rng_seed=seed,
-            batch_size=batch_size or default_batch, cuda=cuda, save_cpu_ram=True, cache=True,
-            cache_root=_process_cache_root(),
-            input2_cache_name=_reference_cache_name(reference_u8_nhwc, name, weights_path),
-            verbose=False,
-        )
+        out = {}
+        if reference_stats is not None:  # FID against a published batch's (mu, sigma)
+            out[torch_fidelity.KEY_METRIC_FID] = _fid_against_statistics(
+                samples_u8_nhwc, reference_stats, name, layers["fid"], channels, weights_path,
+                batch, cuda)
+        if not (fid_only and out):
+            out.update(_calculate(samples_u8_nhwc, reference_u8_nhwc, name, layers, channels,
+                                  weights_path, not out, fid_only, isc_splits, prc_neighborhood,
+                                  seed, batch, cuda))
     nan = float("nan")
     return dict(
         fid=float(out[torch_fidelity.KEY_METRIC_FID]),
@@ -243,3 +242,36 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
                            f"weights={os.path.abspath(weights_path)}"),
         feature_layers=layers, prc_neighborhood=prc_neighborhood, isc_splits=isc_splits,
     )
+
+
+def _calculate(samples, reference, name, layers, channels, weights_path, fid, fid_only,
+               isc_splits, prc_neighborhood, seed, batch_size, cuda):
+    """One torch-fidelity call: FID (if ``fid``), IS and precision/recall (unless ``fid_only``)
+    of the samples (input1) against the reference images (input2)."""
+    return torch_fidelity.calculate_metrics(
+        input1=ImagesU8Dataset(samples, channels),
+        input2=ImagesU8Dataset(reference, channels),
+        isc=not fid_only, fid=fid, prc=not fid_only, kid=False, ppl=False,
+        feature_extractor=name, feature_extractor_weights_path=os.fspath(weights_path),
+        feature_layer_isc=layers["isc"], feature_layer_fid=layers["fid"],
+        feature_layer_prc=layers["prc"],
+        isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, rng_seed=seed,
+        batch_size=batch_size, cuda=cuda, save_cpu_ram=True, cache=True,
+        cache_root=_process_cache_root(),
+        input2_cache_name=_reference_cache_name(reference, name, weights_path),
+        verbose=False,
+    )
+
+
+def _fid_against_statistics(samples, stats, name, layer, channels, weights_path, batch_size,
+                            cuda):
+    """FID of the samples' ``layer`` features against published (mu, sigma)."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    from cmcore.evaluation.reference import frechet_distance
+
+    extractor = create_feature_extractor(name, [layer], cuda=cuda, verbose=False,
+                                         feature_extractor_weights_path=os.fspath(weights_path))
+    features = get_featuresdict_from_dataset(ImagesU8Dataset(samples, channels), extractor,
+                                             batch_size, cuda, True, False)[layer]
+    return frechet_distance(features, *stats)

@@ -119,6 +119,11 @@ def extractor_weights(wildcards):
     )
 
 
+def reference_batch(wildcards):
+    """The published reference batch FID is computed against (evaluation.reference), if any."""
+    return [CFG["evaluation"]["reference"]] if CFG["evaluation"]["reference"] else []
+
+
 ABLATIONS = CFG["ablations"]
 ABLATION_PANELS = (
     [p for p, rows in dag.panels(CFG).items() if rows] if ABLATIONS["enabled"] else []

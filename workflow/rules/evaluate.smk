@@ -3,6 +3,7 @@ rule evaluate:
         samples=rules.sample.output.samples,
         meta=rules.sample.output.meta,
         reference=DATA,
+        reference_batch=reference_batch,
         extractor=extractor_weights,
     output:
         f"{OUT}/metrics/{{method}}/steps{{steps}}.json",
@@ -20,7 +21,9 @@ rule evaluate:
         config=RESOLVED,
         settings=settings("evaluate"),
         classifier=flag("classifier", "extractor"),
+        batch=flag("reference-batch", "reference_batch"),
     shell:
         "cm evaluate --config {params.config:q} --samples {input.samples:q}"
-        " --meta {input.meta:q} --reference {input.reference:q} {params.classifier}"
+        " --meta {input.meta:q} --reference {input.reference:q} {params.batch}"
+        " {params.classifier}"
         " --out {output:q} --threads {threads} > {log:q} 2>&1"
