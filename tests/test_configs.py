@@ -196,3 +196,50 @@ def test_conditional_digits_config_is_the_default_with_labels():
     skip = {"outdir", "ablations", "theorem1", "ict", "ect", "cd_cont", "ct_cont"}
     assert {k: v for k, v in cond.items() if k not in skip} == \
         {k: v for k, v in default.items() if k not in skip}
+
+
+# Keys of the paper configs that shape no model or number (the hyperparameter table omits them).
+LOGISTICS = ("outdir", "seed", "device", "threads", "dataset.path", "resources.",
+             "evaluation.inception_weights", ".log_every", "sampling.batch")
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "tau":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _cell(text):
+    """A table cell as a value: YAML, with PyYAML's dotless exponents (8.0e-6 is a float, 8e-6
+    a string) read as floats too."""
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def test_hyperparameter_table_matches_the_configs():
+    """docs/hyperparameters.md: every cell is its config's value, '-' where the file sets none,
+    and every key that shapes a model or a number has a row with a source."""
+    names = ["cifar10", "imagenet64", "lsun_bedroom256", "lsun_cat256"]
+    flat = {n: _flat(yaml.safe_load((ROOT / "config" / f"{n}.yaml").read_text())) for n in names}
+    text = (ROOT / "docs" / "hyperparameters.md").read_text()
+    rows = re.findall(r"^\| `([\w.]+)` \|(.*)\|$", text, re.M)
+    table = {}
+    for key, rest in rows:
+        *cells, source = [c.strip() for c in rest.split(" | ")]
+        assert len(cells) == 4 and source, key
+        table[key] = cells
+        for name, cell in zip(names, cells, strict=True):
+            if cell == "-":
+                assert key not in flat[name], f"{key} is set in {name}.yaml"
+            else:
+                assert _cell(cell) == flat[name].get(key), f"{key} of {name}: {cell}"
+    shaping = {k for f in flat.values() for k in f
+               if not any(k == s or k.startswith(s) or k.endswith(s) for s in LOGISTICS)}
+    assert shaping <= set(table), sorted(shaping - set(table))
