@@ -22,6 +22,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/extras.smk"
+include: "workflow/rules/published.smk"
 
 
 # `snakemake` alone builds reproduce_table, the main target (what `make reproduce` runs).

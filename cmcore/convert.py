@@ -71,16 +71,17 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def teacher_payload(net_cfg, backbone_state, cfg, source):
-    """A cmcore teacher checkpoint around a backbone state dict (float32, keys ``model.*``)."""
+def teacher_payload(net_cfg, backbone_state, cfg, source, method="teacher"):
+    """A cmcore checkpoint around a backbone state dict (float32, keys ``model.*``): a teacher
+    (denoiser D), or for ``method`` cd / ct a consistency model f, as cm train writes them."""
     state = {
         f"model.{k}": (v.float() if v.is_floating_point() else v).detach().contiguous()
         for k, v in backbone_state.items()
     }
     return {
         "format": FORMAT,
-        "method": "teacher",
-        "kind": "denoiser",
+        "method": method,
+        "kind": "denoiser" if method == "teacher" else "consistency",
         "net": net_cfg,
         "config": cfg,
         "seed": cfg["seed"],
@@ -128,8 +129,15 @@ def adm_config(arch_config):
     return net_cfg
 
 
-def openai_teacher(path, arch_config, cfg):
-    """The teacher checkpoint of an openai state dict of the ADM network ``arch_config``."""
+def openai_teacher(path, arch_config, cfg, method="teacher"):
+    """The checkpoint of an openai state dict of the ADM network ``arch_config``: the EDM
+    teacher (``edm_*_ema.pt``), or with ``method`` cd / ct a released consistency model
+    (``cd_imagenet64_lpips.pt``, ``ct_bedroom256.pt``, ...). Their f is ours: openai's
+    boundary-condition scalings c_skip = sd^2 / ((t - eps)^2 + sd^2), c_out = (t - eps) sd /
+    sqrt(t^2 + sd^2), c_in = 1 / sqrt(t^2 + sd^2), time input 1000 * ln(t) / 4, with eps = 0.002
+    (cmcore.diffusion.precond.ConsistencyFunction around ADMUNet)."""
+    if method not in ("teacher", "cd", "ct"):
+        raise CheckpointError(f"--method {method!r}: openai files hold a teacher, cd or ct")
     net_cfg = adm_config(arch_config)
     if not os.path.isfile(path):
         raise CheckpointError(
@@ -145,13 +153,16 @@ def openai_teacher(path, arch_config, cfg):
         raise CheckpointError(f"--openai: {path} is not a state dict of tensors")
     check_layout(state, net_cfg, f"--openai {path}")
     _check_sigma_data(cfg, 0.5, f"--openai {path}")  # KarrasDenoiser(sigma_data=0.5)
+    if method != "teacher" and cfg["diffusion"]["sigma_min"] != 0.002:
+        raise CheckpointError(f"--openai {path}: consistency models were trained with "
+                              "sigma_min = 0.002 (f(x, eps) = x); set diffusion.sigma_min to it")
     source = {
         "file": os.path.abspath(path),
         "sha256": _sha256(path),
         "format": "openai/consistency_models state dict",
         "arch_config": arch_config,
     }
-    return teacher_payload(net_cfg, state, cfg, source)
+    return teacher_payload(net_cfg, state, cfg, source, method)
 
 
 # ----------------------------------------------------------------------------------------------

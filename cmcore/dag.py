@@ -60,6 +60,17 @@ def train_settings(cfg, method):
     return view
 
 
+PUBLISHED = "published_"  # method names of released models: published_<name> (their files)
+
+
+def published_taus(cfg, method):
+    """The config key of a released model's own taus (``published.NAME.taus``), else None."""
+    if not method.startswith(PUBLISHED):
+        return None
+    name = method[len(PUBLISHED):]
+    return f"published.{name}.taus" if "taus" in cfg.get("published", {}).get(name, {}) else None
+
+
 def label_keys(cfg):
     """How a class-conditional model's sample labels are drawn (none for unconditional ones)."""
     return ["sampling.labels"] if cfg.get("network", {}).get("label_dim") else []
@@ -69,8 +80,10 @@ def sample_settings(cfg, method, steps, searched):
     """Drawing ``steps``-step samples: count, batch (it shapes the noise draws), seed, device,
     and the configured taus of Algorithm 1 unless a search supplies them."""
     paths = ["seed", "device", "sampling.num_samples", "sampling.batch", *label_keys(cfg)]
-    if method not in DENOISERS + ("untrained",) and steps > 1 and not searched:
-        paths.append(f"sampling.tau.{steps}")
+    own = published_taus(cfg, method)
+    fixed = not searched or method.startswith(PUBLISHED)  # released models: the paper's taus
+    if method not in DENOISERS + ("untrained",) and steps > 1 and fixed:
+        paths.append(own or f"sampling.tau.{steps}")
     return pick(cfg, paths)
 
 
@@ -107,6 +120,8 @@ def settings(cfg, step, method=None, steps=None, run=None, seed=None):
         return pick(cfg, ["theorem1", "diffusion", "seed"])
     if step == "edit":
         return pick(cfg, ["editing.taus", "editing.num_images", "seed"])
+    if step == "convert":
+        return pick(cfg, [f"published.{method[len(PUBLISHED):]}", "diffusion", "seed"])
     if step in ("table", "figure4"):
         return {}
     raise ValueError(f"no settings are defined for the step {step!r}")

@@ -105,7 +105,9 @@ def test_documented_commands_plan_their_dag(tmp_path, lpips_hub):
         (data / folder).mkdir(parents=True)
     for file in ("cifar-10-python.tar.gz", "weights-inception-2015-12-05-6726825d.pth",
                  "cifar10-32x32.npz", "VIRTUAL_imagenet64_labeled.npz",
-                 "VIRTUAL_lsun_bedroom256.npz", "VIRTUAL_lsun_cat256.npz"):
+                 "VIRTUAL_lsun_bedroom256.npz", "VIRTUAL_lsun_cat256.npz",
+                 *(f"{m}_{d}{v}.pt" for m, v in (("cd", "_lpips"), ("cd", "_l2"), ("ct", ""))
+                   for d in ("imagenet64", "bedroom256", "cat256"))):
         (data / file).write_bytes(b"")
     commands = _documented_commands()
     assert any("--profile slurm" in c for c in commands) and len(commands) >= 5, commands

@@ -111,6 +111,8 @@ def build_parser():
     tables(p)
     p.add_argument("--paper-md", default=None, help="also ours beside the paper's (Markdown)")
     p.add_argument("--paper-html", default=None, help="... and as HTML")
+    p.add_argument("--published", action="store_true",
+                   help="released models beside the paper's Table 2 (in --md and --html)")
     p = add("figure4", cmd_figure4, "FID against sampling steps: CSV and Markdown tables, a plot")
     tables(p)
     p.add_argument("--plot", required=True, help="PNG of FID against steps")
@@ -125,13 +127,17 @@ def build_parser():
     p.add_argument("--scores", nargs="+", required=True, help="CSV files of cm ablate")
     p.add_argument("--plots", required=True, help="folder of the PNG figures")
     add("theorem1", cmd_theorem1, "Theorem 1 and 2 on an exact Gaussian mixture (--out: folder)")
-    p = add("convert", cmd_convert, "import an NVlabs/edm pickle or openai state dict as teacher")
+    p = add("convert", cmd_convert, "import published weights (EDM pickle; openai teacher, CD, CT)")
     p.add_argument("--edm-pickle", default=None, help="NVlabs/edm network pickle (.pkl)")
     p.add_argument("--edm-code", default=None, help="NVlabs/edm checkout (dnnlib, torch_utils)")
     p.add_argument("--allow-pickle", action="store_true", help="trust the pickle (runs its code)")
     p.add_argument("--openai", default=None, help="openai/consistency_models state dict (.pt)")
     p.add_argument("--arch-config", default=None,
                    help="ADM of the --openai file: imagenet64, lsun256 or a YAML file")
+    p.add_argument("--method", default="teacher", choices=["teacher", "cd", "ct"],
+                   help="what the --openai file holds: the EDM teacher or a released CD / CT")
+    p.add_argument("--name", default=None,
+                   help="the config's published.NAME entry the file is (its own taus)")
     p = add("bench", cmd_bench, "time every training and sampling step (--out: JSON lines)")
     p.add_argument("--net", default="embedded", choices=["embedded", "cifar10"])
     p.add_argument("--batch", type=_at_least(1), default=None,

@@ -95,11 +95,15 @@ def cmd_sample(args, cfg):
     from cmcore.training.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = dag.settings(cfg, "sample", method=ckpt["method"], steps=args.steps)
+    method = ckpt.get("published") or ckpt["method"]  # a released model: its config entry
+    cfg = dag.settings(cfg, "sample", method=method, steps=args.steps)
     smp = cfg["sampling"]
     if args.dry_run:
         return f"would draw {smp['num_samples']} {args.steps}-step samples -> {args.out}"
     taus, source = smp.get("tau", {}).get(str(args.steps), []), "sampling.tau of the config"
+    if own := dag.published_taus(cfg, method):
+        entry = cfg["published"][method[len(dag.PUBLISHED):]]
+        taus, source = entry["taus"][:args.steps - 1], own
     if args.taus:  # searched taus of this model (cm search-tau): the first steps - 1
         with open(args.taus) as f:
             taus, source = json.load(f)["taus"][:args.steps - 1], args.taus
@@ -110,6 +114,8 @@ def cmd_sample(args, cfg):
     with atomic(args.out, ".npz") as tmp:  # openai's layout: images arr_0, class labels arr_1
         np.savez(tmp, arr_0=images, **({} if labels is None else {"arr_1": labels}))
     meta.update(checkpoint=args.checkpoint, code_version=config_mod.code_version())
+    if "source" in ckpt:  # converted from published weights (cm convert)
+        meta["source"] = os.path.basename(ckpt["source"]["file"])
     with atomic(args.meta or os.path.splitext(args.out)[0] + ".json") as tmp, \
             open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -182,7 +188,7 @@ def cmd_table(args, cfg):
     df = write_table(args.metrics, args.out, args.md or f"{stem}.md", args.html or f"{stem}.html",
                      args.paper_md, args.paper_html or (args.paper_md and
                                                         os.path.splitext(args.paper_md)[0] +
-                                                        ".html"))
+                                                        ".html"), published=args.published)
     return f"wrote {args.out} with {len(df)} rows"
 
 
@@ -333,19 +339,26 @@ def cmd_convert(args, cfg):
         if not args.arch_config:
             raise ValueError("--openai needs --arch-config (imagenet64, lsun256 or a YAML file)")
         source = args.openai
-        payload = convert.openai_teacher(args.openai, args.arch_config, cfg)
+        payload = convert.openai_teacher(args.openai, args.arch_config, cfg, args.method)
+        if args.name:  # the config's entry published.NAME (its taus, the DAG's rule)
+            payload["published"] = f"{dag.PUBLISHED}{args.name}"
     else:
         source = args.edm_pickle
+        if args.method != "teacher":
+            raise ValueError("--method cd / ct applies to --openai files (the released CD and "
+                             "CT models); NVlabs/edm pickles hold teachers")
         if args.dry_run:  # unpickling runs code: a dry run checks the inputs only
             convert.check_edm_inputs(args.edm_pickle, args.edm_code, args.allow_pickle)
             return f"would unpickle {source} with {args.edm_code} and write {args.out}"
         payload = convert.edm_teacher(args.edm_pickle, args.edm_code, args.allow_pickle, cfg)
     net = payload["net"]
+    what = f"{net['arch']} " + ("teacher" if args.method == "teacher" else
+                                f"{args.method.upper()} model")
     if args.dry_run:
-        return f"would write {args.out}: {source} as a {net['arch']} teacher"
+        return f"would write {args.out}: {source} as a {what}"
     save_checkpoint(args.out, payload)
     size = sum(v.numel() for v in payload["ema"].values()) / 1e6
-    note = "" if cfg["network"]["arch"] == net["arch"] else (
+    note = "" if cfg["network"]["arch"] == net["arch"] or args.method != "teacher" else (
         f"; note: the config's network.arch is {cfg['network']['arch']!r}, students need "
         f"{net['arch']!r}")
-    return f"wrote {args.out}: {source} as a {net['arch']} teacher ({size:.1f}M values){note}"
+    return f"wrote {args.out}: {source} as a {what} ({size:.1f}M values){note}"

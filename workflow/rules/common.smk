@@ -34,6 +34,8 @@ localrules:
     all,
     reproduce_table,
     reproduce_extras,
+    evaluate_published,
+    table2_published,
     table1,
     table_extended,
     figure4,
@@ -79,6 +81,8 @@ PAPER_METHODS = list(dag.PAPER_METHODS)
 # the config has their section.
 EXTRA_METHODS = [m for m in dag.EXTRA_METHODS if m in CFG]
 METHODS = PAPER_METHODS + EXTRA_METHODS
+# Released consistency models (config `published`), sampled and scored as published_<name>.
+PUBLISHED = {f"{dag.PUBLISHED}{name}": spec for name, spec in CFG["published"].items()}
 RUNS = [(m, n) for m in PAPER_METHODS for n in sampler_steps(m)]
 EXTRA_RUNS = [(m, n) for m in EXTRA_METHODS for n in CFG["sampling"]["steps"]]
 TABLE1_RUNS = [
@@ -149,12 +153,12 @@ SEARCH_TAUS = CFG["sampling"]["tau_search"]["enabled"]
 
 def searched_taus(wildcards):
     """The searched taus of a consistency model's multistep sampling, when the config asks."""
-    searched = wildcards.method not in dag.DENOISERS + ("untrained",)
+    searched = wildcards.method not in dag.DENOISERS + ("untrained",) + tuple(PUBLISHED)
     if SEARCH_TAUS and searched and int(wildcards.steps) > 1:
         return [f"{OUT}/taus/{wildcards.method}.json"]
     return []
 
 
 wildcard_constraints:
-    method="|".join(METHODS),
+    method="|".join(METHODS + list(PUBLISHED)),
     steps=r"\d+",
