@@ -149,3 +149,9 @@ def test_conditional_digits_through_the_cli(tmp_path, classifier):
     record = json.loads((out / "m.json").read_text())
     assert record["labels"] == "balanced"
     assert record["label_accuracy"] == pytest.approx(label_accuracy(classifier, images, labels))
+    r = cm("table", "--config", cfg, "--metrics", out / "m.json", "--out", out / "t.csv")
+    assert r.returncode == 0, r.stderr
+    header, _, row = (out / "t.md").read_text().splitlines()[:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")],
+                     strict=True))
+    assert cells["label_accuracy"] == f"{record['label_accuracy']:.3f}"

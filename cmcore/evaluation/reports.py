@@ -38,7 +38,7 @@ def gather(paths):
 def markdown(df):
     """A readable Markdown table: the headline columns, numbers rounded, provenance below."""
     view = df.assign(method=df["method"].map(LABELS).fillna(df["method"]))
-    conditional = df["label_accuracy"].notna().any()
+    conditional = bool(df["label_accuracy"].notna().any())
     view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall"]
                 + ["label_accuracy"] * conditional + ["distance", "taus", "train_iters"]]
     table = view.to_markdown(index=False, floatfmt=".3f")
