@@ -85,3 +85,11 @@ def test_evaluate_published_scores_the_release_beside_the_paper(tmp_path):
     meta = json.loads((out / "samples" / "published_cd_lpips" / "steps2.json").read_text())
     assert meta["taus"] == [0.5] and meta["tau_source"] == "published.cd_lpips.taus"
     assert not (out / "taus").exists()
+
+
+def test_evaluate_published_without_models_says_where_to_list_them(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "outdir": str(tmp_path / "r")}))
+    r = snakemake("evaluate_published", "-n", "--configfile", path)
+    assert r.returncode != 0
+    assert "lists no released models under `published`" in r.stdout + r.stderr
