@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import TINY, cm, cm_process, tiny_config
+from conftest import cm, cm_process, tiny_config
 
 
 def test_dry_runs_write_nothing(tiny, tmp_path):
@@ -122,13 +122,3 @@ def test_pretrained_teacher_is_checked_and_adopted(tmp_path):
     r = cm("train", "--method", "teacher", "--config", other, "--data", data, "--out", adopted)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "teacher.pretrained" in r.stderr and "model_channels': 8" in r.stderr
-
-
-def test_class_conditional_training_is_refused_in_one_line(tmp_path):
-    tiny = tiny_config(tmp_path, network={**TINY["network"], "label_dim": 10})
-    data = tmp_path / "data.npz"
-    assert cm("prepare-data", "--config", tiny, "--out", data).returncode == 0
-    r = cm("train", "--method", "teacher", "--config", tiny, "--data", data,
-           "--out", tmp_path / "t.pt")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "network.label_dim" in r.stderr and not (tmp_path / "t.pt").exists()

@@ -155,3 +155,13 @@ def test_conditional_digits_through_the_cli(tmp_path, classifier):
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")],
                      strict=True))
     assert cells["label_accuracy"] == f"{record['label_accuracy']:.3f}"
+
+
+def test_labels_outside_label_dim_are_refused_in_one_line():
+    from cmcore.training.loop import check_labels
+
+    check_labels(np.arange(10), 10)
+    with pytest.raises(ValueError, match=r"network.label_dim is 10, but the data's class labels "
+                                         r"span 0..11; set it") as e:
+        check_labels(np.arange(12), 10)
+    assert "\n" not in str(e.value)

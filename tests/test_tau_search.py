@@ -85,6 +85,6 @@ def test_checkpoint_search_scores_the_images_of_sample_checkpoint_bitwise():
                                       device="cpu", iters=2)
     assert len(seen) == 2 * 2 * 2 and len({t for t, _ in trace}) == len(seen)
     for i, (taus, score) in enumerate(dict.fromkeys(trace)):
-        images, _ = sample_checkpoint(ckpt, len(taus) + 1, 10, 4, 3, "cpu", taus)
+        images, _, _ = sample_checkpoint(ckpt, len(taus) + 1, 10, 4, 3, "cpu", taus)
         assert np.array_equal(seen[i], images) and fid(images) == score
     assert not np.array_equal(seen[0], seen[1])  # the candidates' images differ: it can fail

@@ -123,6 +123,18 @@ def extractor_weights(wildcards):
     )
 
 
+def published_metrics(wildcards):
+    """The metrics of every released model at every Table 2 step count; none listed: an error
+    that says where to list them (only when this target is asked for)."""
+    if not PUBLISHED:
+        raise ValueError(
+            "evaluate_published: the config lists no released models under `published`;"
+            " add them (config/imagenet64.yaml shows how)"
+        )
+    steps = CFG["sampling"]["steps"]
+    return [f"{OUT}/metrics/{m}/steps{n}.json" for m in PUBLISHED for n in steps]
+
+
 def reference_batch(wildcards):
     """The published reference batch FID is computed against (evaluation.reference), if any."""
     return [CFG["evaluation"]["reference"]] if CFG["evaluation"]["reference"] else []

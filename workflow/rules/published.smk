@@ -29,18 +29,6 @@ rule convert_published:
         " --name {params.name} --config {params.config:q} --out {output:q} > {log:q} 2>&1"
 
 
-def published_metrics(wildcards):
-    """The metrics of every released model at every Table 2 step count; none listed: an error
-    that says where to list them (only when this target is asked for)."""
-    if not PUBLISHED:
-        raise ValueError(
-            "evaluate_published: the config lists no released models under `published`;"
-            " add them (config/imagenet64.yaml shows how)"
-        )
-    steps = CFG["sampling"]["steps"]
-    return [f"{OUT}/metrics/{m}/steps{n}.json" for m in PUBLISHED for n in steps]
-
-
 rule table2_published:
     input:
         metrics=published_metrics,
