@@ -20,7 +20,7 @@ from conftest import ROOT, cm, run
 from cmcore.config import load
 from cmcore.data import load_dataset, save_prepared
 from cmcore.diffusion.solvers import get_solver
-from cmcore.methods import objectives
+from cmcore.methods import continuous, ect, ict, objectives
 from cmcore.methods.distances import l2
 from cmcore.models import make_model
 from cmcore.training.checkpoints import Preempted, load_checkpoint
@@ -53,7 +53,9 @@ def draws(world, B):
         return [torch.randn_like(x), torch.randn(b), torch.randint(0, 7, (b,)),
                 torch.rand([b, 1]), torch.randn(b, 2), torch.randint(5, size=(b, 2)),
                 F.dropout(torch.ones(b, 4, 3), p=0.3), torch.randn_like(nhwc),
-                F.dropout(nhwc, p=0.2, training=True), torch.randn(3)]  # last: not per example
+                F.dropout(nhwc, p=0.2, training=True),
+                torch.multinomial(torch.tensor([0.1, 0.2, 0.3, 0.4]), b, replacement=True),
+                torch.randn(3)]  # last: not per example
 
 
 @pytest.mark.parametrize("P", [2, 4])
@@ -88,7 +90,11 @@ def test_rank_mean_of_every_objective_is_the_global_loss(P):
                 objectives.consistency_training_loss(f, f_target, x0, 10, l2),
                 objectives.consistency_distillation_loss(f, f_target, D, x0, 10,
                                                          get_solver("heun"), l2),
-                objectives.progressive_distillation_loss(D2, D, x0, 4)])
+                objectives.progressive_distillation_loss(D2, D, x0, 4),
+                ict.ict_loss(f, x0, 20),  # its noise index: torch.multinomial
+                ect.ect_loss(f, x0, 3, 10),
+                continuous.continuous_cd_loss(f, D, x0),
+                continuous.continuous_ct_loss(f, x0)])
     ref = losses(World())
     mean = torch.stack([losses(World(P, r)) for r in range(P)]).mean(0)
     torch.testing.assert_close(mean, ref, rtol=1e-5, atol=1e-6)

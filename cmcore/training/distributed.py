@@ -9,8 +9,9 @@ How the runs of P processes and of one process stay equal (up to float noise):
    the full global batch: the data indices and flips of B examples (``World.local`` then keeps
    rows [r B/P, (r+1) B/P)), and, inside the loss, every per-example random number. The
    objectives draw those with ``torch.randn_like(x0)``, ``torch.randn(B_local)``,
-   ``torch.randint(lo, hi, (B_local,))``, ``torch.rand([B_local, 1])`` and ``F.dropout`` on
-   x0's local batch; ``World.global_draws`` is a TorchFunctionMode that turns each such call
+   ``torch.randint(lo, hi, (B_local,))``, ``torch.rand([B_local, 1])``,
+   ``torch.multinomial(p, B_local, replacement=True)`` (iCT) and ``F.dropout`` on x0's local
+   batch; ``World.global_draws`` is a TorchFunctionMode that turns each such call
    whose leading dimension is B/P into the same call at B and returns rank r's rows (dropout:
    ATen's dropout of ones at B gives the mask, rank r multiplies its rows by the mask's). So every
    rank consumes the generator exactly as one process does, the generator states of all ranks
@@ -18,8 +19,8 @@ How the runs of P processes and of one process stay equal (up to float noise):
    the dropout masks of example i are the same whatever P. No objective knows about ranks.
    Draws of another leading size (the batch draw itself at B, per-batch scalars) pass through:
    every rank draws them alike. Per-example draws through other calls (``Tensor.normal_``,
-   ``torch.normal``, ``torch.bernoulli``, ``torch.multinomial``) would be drawn at B/P on every
-   rank (the same numbers on every rank): add them to the mode before an objective uses them.
+   ``torch.normal``, ``torch.bernoulli``) would be drawn at B/P on every rank (the same numbers
+   on every rank): add them to the mode before an objective uses them.
 2. DistributedDataParallel averages gradients over ranks: with equal local batches that is the
    gradient of the global mean. Optimizer, gradient clipping, EMA and target network follow the
    synchronised parameters, so they are identical on every rank. Logged losses are all-reduced
@@ -171,6 +172,8 @@ class _GlobalDraws(TorchFunctionMode):
             out = self._sized(func, args, kwargs)
         elif func is F.dropout:
             out = self._dropout(func, *args, **kwargs)
+        elif func is torch.multinomial:
+            out = self._multinomial(func, *args, **kwargs)
         if out is None:
             return func(*args, **kwargs)
         return out if func is F.dropout else self.world.local(out)
@@ -195,6 +198,12 @@ class _GlobalDraws(TorchFunctionMode):
             size = self._grow(args)  # randn(b, d, ...)
             return None if size is None else func(*size, **kwargs)
         return None
+
+    def _multinomial(self, func, input, num_samples, replacement=False, **kwargs):
+        # One category per example (iCT's noise index n): drawn at B, this rank's rows kept.
+        if input.ndim != 1 or num_samples != self.b or not replacement:
+            return None
+        return func(input, self.B, True, **kwargs)
 
     def _dropout(self, func, input, p=0.5, training=True, inplace=False):
         # The mask (0 or 1/(1-p)) of ATen's own dropout of ones at the global batch: the same
