@@ -225,10 +225,20 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
             out[torch_fidelity.KEY_METRIC_FID] = _fid_against_statistics(
                 samples_u8_nhwc, reference_stats, name, layers["fid"], channels, weights_path,
                 batch, cuda)
-        if not (fid_only and out):
-            out.update(_calculate(samples_u8_nhwc, reference_u8_nhwc, name, layers, channels,
-                                  weights_path, not out, fid_only, isc_splits, prc_neighborhood,
-                                  seed, batch, cuda))
+        if not (fid_only and out):  # FID (unless done above), IS and precision/recall
+            out.update(torch_fidelity.calculate_metrics(
+                input1=ImagesU8Dataset(samples_u8_nhwc, channels),
+                input2=ImagesU8Dataset(reference_u8_nhwc, channels),
+                isc=not fid_only, fid=not out, prc=not fid_only, kid=False, ppl=False,
+                feature_extractor=name, feature_extractor_weights_path=os.fspath(weights_path),
+                feature_layer_isc=layers["isc"], feature_layer_fid=layers["fid"],
+                feature_layer_prc=layers["prc"],
+                isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, rng_seed=seed,
+                batch_size=batch, cuda=cuda, save_cpu_ram=True, cache=True,
+                cache_root=_process_cache_root(),
+                input2_cache_name=_reference_cache_name(reference_u8_nhwc, name, weights_path),
+                verbose=False,
+            ))
     nan = float("nan")
     return dict(
         fid=float(out[torch_fidelity.KEY_METRIC_FID]),
@@ -241,25 +251,6 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
         feature_extractor=(f"{name} (fid/prc: {layers['fid']}, isc: {layers['isc']}) "
                            f"weights={os.path.abspath(weights_path)}"),
         feature_layers=layers, prc_neighborhood=prc_neighborhood, isc_splits=isc_splits,
-    )
-
-
-def _calculate(samples, reference, name, layers, channels, weights_path, fid, fid_only,
-               isc_splits, prc_neighborhood, seed, batch_size, cuda):
-    """One torch-fidelity call: FID (if ``fid``), IS and precision/recall (unless ``fid_only``)
-    of the samples (input1) against the reference images (input2)."""
-    return torch_fidelity.calculate_metrics(
-        input1=ImagesU8Dataset(samples, channels),
-        input2=ImagesU8Dataset(reference, channels),
-        isc=not fid_only, fid=fid, prc=not fid_only, kid=False, ppl=False,
-        feature_extractor=name, feature_extractor_weights_path=os.fspath(weights_path),
-        feature_layer_isc=layers["isc"], feature_layer_fid=layers["fid"],
-        feature_layer_prc=layers["prc"],
-        isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, rng_seed=seed,
-        batch_size=batch_size, cuda=cuda, save_cpu_ram=True, cache=True,
-        cache_root=_process_cache_root(),
-        input2_cache_name=_reference_cache_name(reference, name, weights_path),
-        verbose=False,
     )
 
 

@@ -50,28 +50,27 @@ def load_reference_batch(path):
         raise ReferenceBatchError(f"evaluation.reference: {path!r} not found; {hint}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("mu", "sigma") if k not in f]
-            if missing:
-                raise ReferenceBatchError(
-                    f"evaluation.reference: {path} has no {missing[0]} (keys: "
-                    f"{', '.join(f.files)}); it must be {hint.split('; ')[0]}")
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            images = f["arr_0"] if "arr_0" in f else None
+            keys = list(f.files)
+            arrays = {k: f[k] for k in ("mu", "sigma", "arr_0") if k in keys}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        if isinstance(e, ReferenceBatchError):
-            raise
         raise ReferenceBatchError(f"evaluation.reference: {path} is not a readable npz file "
-                             f"({type(e).__name__}: {e})") from None
+                                  f"({type(e).__name__}: {e})") from None
+    missing = [k for k in ("mu", "sigma") if k not in arrays]
+    if missing:
+        raise ReferenceBatchError(f"evaluation.reference: {path} has no {missing[0]} (keys: "
+                                  f"{', '.join(keys)}); it must be {hint.split('; ')[0]}")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    images = arrays.get("arr_0")
     d = mu.shape[0] if mu.ndim == 1 else None
     if d is None or sigma.shape != (d, d):
-        raise ReferenceBatchError(f"evaluation.reference: {path} holds mu {mu.shape} and sigma "
-                             f"{sigma.shape}; expected (d,) and (d, d)")
+        raise ReferenceBatchError(f"evaluation.reference: {path} holds mu {mu.shape} and "
+                                  f"sigma {sigma.shape}; expected (d,) and (d, d)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ReferenceBatchError(f"evaluation.reference: {path} holds non-finite statistics")
     if images is not None and (images.dtype != np.uint8 or images.ndim != 4
                                or images.shape[-1] not in (1, 3)):
         raise ReferenceBatchError(f"evaluation.reference: arr_0 in {path} must be uint8 NHWC "
-                             f"images, got {images.dtype} {images.shape}")
+                                  f"images, got {images.dtype} {images.shape}")
     return ReferenceBatch(os.fspath(path), mu, sigma, images)
 
 

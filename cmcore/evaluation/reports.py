@@ -139,7 +139,7 @@ def markdown_published(df):
     rows = []
     for r in df.itertuples():
         paper = PAPER_TABLE2.get((r.source, r.steps))
-        rows.append({"model": r.source, "method": r.method.upper().removeprefix("PUBLISHED_"),
+        rows.append({"model": r.source, "method": r.method.upper(),
                      "steps": r.steps, "taus": r.taus, "our FID": f"{r.fid:.2f}",
                      "paper FID": f"{paper:.2f}" if paper else "-",
                      "precision": f"{r.precision:.3f}", "recall": f"{r.recall:.3f}",
