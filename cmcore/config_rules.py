@@ -113,9 +113,16 @@ def _network_error(cfg):
 def _training_error(cfg):
     gpus = cfg["resources"]["train"]["gpu"]
     for name in TRAINING:
-        if name in cfg and gpus > 1 and cfg[name]["batch"] % gpus:
-            return (f"{name}.batch: {cfg[name]['batch']} does not split over "
+        if name not in cfg:
+            continue
+        batch, batch_gpu = cfg[name]["batch"], cfg[name].get("batch_gpu")
+        if gpus > 1 and batch % gpus:
+            return (f"{name}.batch: {batch} does not split over "
                     f"resources.train.gpu = {gpus} GPUs; use a multiple of {gpus}")
+        share = batch // max(gpus, 1)
+        if batch_gpu and share % batch_gpu:
+            return (f"{name}.batch_gpu: {batch_gpu} does not divide the {share} rows each GPU "
+                    f"gets of the batch {batch}; use a divisor of {share}")
     ct = cfg["ct"]
     if ct["s1"] <= ct["s0"]:
         return f"ct.s1 = {ct['s1']} must be greater than ct.s0 = {ct['s0']}"

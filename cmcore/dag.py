@@ -23,8 +23,9 @@ DENOISERS = ("teacher", "pd")  # every other method trains a consistency functio
 
 # Every trained model depends on these, besides its method's own section.
 MODEL_KEYS = ("dataset", "seed", "device", "diffusion", "network")
-# Keys of a training section that shape no output (the resume file's cadence).
-UNSHAPING = ("ckpt_every",)
+# Keys of a training section that shape no output (the resume cadence), or change it by float
+# rounding only (the micro-batch size, as the number of ranks does).
+UNSHAPING = ("ckpt_every", "batch_gpu")
 EXTRACTOR_KEYS = ("evaluation.feature_extractor", "evaluation.inception_weights",
                   "evaluation.prc_neighborhood")
 

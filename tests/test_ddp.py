@@ -1,7 +1,7 @@
-"""Data parallel (cmcore.training.distributed): per-example draws do not depend on the world
-size, so ``torchrun --nproc_per_node=2`` on CPU (gloo) trains what one process trains, up to
-float noise; only rank 0 writes; a resume file of one process resumes under two; an indivisible
-batch is a one-line error."""
+"""Data parallel (cmcore.training.distributed): per-example draws (cmcore.diffusion.rng.Draws)
+do not depend on the world size, so ``torchrun --nproc_per_node=2`` on CPU (gloo) trains what
+one process trains, up to float noise; only rank 0 writes; a resume file of one process resumes
+under two; an indivisible batch is a one-line error."""
 
 import os
 import re
@@ -13,18 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from conftest import ROOT, cm, run
 
 from cmcore.config import load
 from cmcore.data import load_dataset, save_prepared
+from cmcore.diffusion.rng import Draws, step_seed
 from cmcore.diffusion.solvers import get_solver
 from cmcore.methods import continuous, ect, ict, objectives
 from cmcore.methods.distances import l2
 from cmcore.models import make_model
 from cmcore.training.checkpoints import Preempted, load_checkpoint
-from cmcore.training.distributed import World
 from cmcore.training.loop import train
 
 CFG = {
@@ -44,32 +43,29 @@ CFG = {
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def draws(world, B):
-    """Per-example draws as the objectives make them, at this rank's B/P rows."""
-    b = B // world.size
+def draws(rng, b):
+    """Per-example draws as the objectives make them, for b rows."""
     x = torch.zeros(b, 3, 2)
-    nhwc = torch.ones(b, 5, 4, 3).to(memory_format=torch.channels_last)  # filled as laid out
-    with world.global_draws(B):
-        return [torch.randn_like(x), torch.randn(b), torch.randint(0, 7, (b,)),
-                torch.rand([b, 1]), torch.randn(b, 2), torch.randint(5, size=(b, 2)),
-                F.dropout(torch.ones(b, 4, 3), p=0.3), torch.randn_like(nhwc),
-                F.dropout(nhwc, p=0.2, training=True),
-                torch.multinomial(torch.tensor([0.1, 0.2, 0.3, 0.4]), b, replacement=True),
-                torch.randn(3)]  # last: not per example
+    nhwc = torch.ones(b, 5, 4, 3).to(memory_format=torch.channels_last)
+    return [rng.randn_like(x), rng.randn(b), rng.randint(7, b), rng.rand(b, "cpu", torch.float64),
+            rng.randn_like(nhwc), rng.multinomial(torch.tensor([0.1, 0.2, 0.3, 0.4]), b)]
 
 
-@pytest.mark.parametrize("P", [2, 4])
-def test_draws_are_slices_of_the_one_process_draws(P):
-    B = 8
-    torch.manual_seed(0)
-    ref, ref_state = draws(World(), B), torch.get_rng_state()
-    for r in range(P):
-        torch.manual_seed(0)
-        mine = draws(World(P, r), B)
+@pytest.mark.parametrize("pieces", [2, 4, 8])
+def test_draws_are_rows_of_the_global_draws(pieces):
+    """Any rank or micro-batch (rows [a, a + B/pieces)) gets its rows of the one-pass draws."""
+    B, seed = 8, step_seed(0, "ct", 3)
+    ref = draws(Draws(seed, B), B)
+    b = B // pieces
+    for r in range(pieces):
+        mine = draws(Draws(seed, B, slice(r * b, (r + 1) * b)), b)
         for i, (a, full) in enumerate(zip(mine, ref, strict=True)):
-            want = full if i == len(ref) - 1 else full[r * B // P:(r + 1) * B // P]
-            assert torch.equal(a, want), (r, i)
-        assert torch.equal(torch.get_rng_state(), ref_state)  # the generators stay in step
+            assert torch.equal(a, full[r * b:(r + 1) * b]), (r, i)
+    assert draws(Draws(seed, B), B)[4].is_contiguous(memory_format=torch.channels_last)
+    other = draws(Draws(step_seed(0, "ct", 4), B), B)  # the next step: other numbers
+    assert not torch.equal(other[0], ref[0])
+    with pytest.raises(ValueError, match="a per-example draw of 3 rows where this process has 4"):
+        Draws(seed, B, slice(0, 4)).randn(3)
 
 
 @pytest.mark.parametrize("P", [2, 4])
@@ -79,24 +75,23 @@ def test_rank_mean_of_every_objective_is_the_global_loss(P):
     diffusion = {"sigma_data": 0.5, "sigma_min": 0.002}
     D, D2 = (make_model(net, "denoiser", diffusion) for _ in range(2))
     f, f_target = (make_model(net, "consistency", diffusion) for _ in range(2))
-    B, x = 16, torch.randn(16, 2)
+    B, x, seed = 16, torch.randn(16, 2), step_seed(1, "all", 0)
 
-    def losses(world):
-        torch.manual_seed(1)
-        x0 = world.local(x)
-        with world.global_draws(B):
-            return torch.stack([
-                objectives.edm_loss(D, x0),
-                objectives.consistency_training_loss(f, f_target, x0, 10, l2),
-                objectives.consistency_distillation_loss(f, f_target, D, x0, 10,
-                                                         get_solver("heun"), l2),
-                objectives.progressive_distillation_loss(D2, D, x0, 4),
-                ict.ict_loss(f, x0, 20),  # its noise index: torch.multinomial
-                ect.ect_loss(f, x0, 3, 10),
-                continuous.continuous_cd_loss(f, D, x0),
-                continuous.continuous_ct_loss(f, x0)])
-    ref = losses(World())
-    mean = torch.stack([losses(World(P, r)) for r in range(P)]).mean(0)
+    def losses(rows):
+        x0, rng = x[rows], Draws(seed, B, rows)
+        return torch.stack([
+            objectives.edm_loss(D, x0, rng=rng),
+            objectives.consistency_training_loss(f, f_target, x0, 10, l2, rng=rng),
+            objectives.consistency_distillation_loss(f, f_target, D, x0, 10,
+                                                     get_solver("heun"), l2, rng=rng),
+            objectives.progressive_distillation_loss(D2, D, x0, 4, rng=rng),
+            ict.ict_loss(f, x0, 20, rng=rng),
+            ect.ect_loss(f, x0, 3, 10, rng=rng),
+            continuous.continuous_cd_loss(f, D, x0, rng=rng),
+            continuous.continuous_ct_loss(f, x0, rng=rng)])
+    ref = losses(slice(0, B))
+    b = B // P
+    mean = torch.stack([losses(slice(r * b, (r + 1) * b)) for r in range(P)]).mean(0)
     torch.testing.assert_close(mean, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -112,7 +107,8 @@ def torchrun(*args):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """One process in this process: the teacher, CT, and CT stopped by SIGTERM at step 10.
-    Two processes under torchrun: the teacher, and CT resumed from that resume file."""
+    Two processes under torchrun, each in two micro-batches of 8 (batch_gpu): the teacher, and
+    CT resumed from that resume file (a micro-batch size of its own: not part of the run)."""
     tmp = tmp_path_factory.mktemp("ddp")
     torch.set_num_threads(1)
     config = tmp / "config.yaml"
@@ -131,7 +127,10 @@ def setup(tmp_path_factory):
             os.kill(os.getpid(), signal.SIGTERM)
     with pytest.raises(Preempted):
         train(cfg, "ct", str(data), str(out[2, "ct"]), echo=stop_at_10)
-    runs = {m: torchrun("--method", m, "--config", config, "--data", data, "--out", out[2, m])
+    split = tmp / "split.yaml"
+    split.write_text(yaml.safe_dump({**CFG, **{m: {**CFG[m], "batch_gpu": 8}
+                                                for m in ("teacher", "ct")}}))
+    runs = {m: torchrun("--method", m, "--config", split, "--data", data, "--out", out[2, m])
             for m in ("teacher", "ct")}
     return {"out": out, "runs": runs, "config": config, "data": data}
 

@@ -227,9 +227,9 @@ def test_no_host_sync_between_log_rows(setup, tmp_path, monkeypatch, method, fus
     real, watch, seen = loop.fit, SyncWatch(), {}
 
     def fit(model, loss_fn, opt, *args, **kwargs):
-        def watched(k):
+        def watched(k, rng):
             watch.step = k
-            return loss_fn(k)
+            return loss_fn(k, rng)
         with watch:
             out = real(model, watched, opt, *args, **kwargs)
         seen.setdefault("counters", []).extend(

@@ -117,10 +117,10 @@ def test_no_device_sync_between_log_rows(prepared, monkeypatch, method):
     if not os.path.exists(prepared["teacher"]):
         run(prepared, monkeypatch, "teacher", "plain", **PLAIN)
     def fit(model, loss_fn, opt, *args, **kwargs):
-        def strict(k):
+        def strict(k, rng):
             log_row = (k + 1) % opt["log_every"] == 0 or k + 1 == opt["iters"]
             torch.cuda.set_sync_debug_mode(0 if k == 0 or log_row else "error")
-            return loss_fn(k)
+            return loss_fn(k, rng)
         try:
             return REAL_FIT(model, strict, opt, *args, **kwargs)
         finally:

@@ -12,6 +12,7 @@ from conftest import cm, tiny_config
 
 from cmcore.data import load_digits
 from cmcore.diffusion.precond import ConsistencyFunction, Denoiser, conditioned, one_hot
+from cmcore.diffusion.rng import Draws
 from cmcore.evaluation.classifier import label_accuracy
 from cmcore.methods import objectives, registry
 from cmcore.methods.distances import get_distance
@@ -62,7 +63,8 @@ def test_every_network_of_a_step_sees_the_drawn_labels(method):
     g = torch.Generator().manual_seed(1)
     drawn = []
 
-    def batch(n):  # points with their one-hot labels, as the training loop draws them
+    def batch(rng):  # points with their one-hot labels, as the training loop draws them
+        n = OPTS[method]["batch"]
         y = torch.randint(0, K, (n,), generator=g)
         drawn.append(one_hot(y, K))
         return torch.randn(n, 2, generator=g), drawn[-1]
@@ -70,7 +72,7 @@ def test_every_network_of_a_step_sees_the_drawn_labels(method):
     spec = registry.METHODS[method]
     c = registry.Context(f, target if spec.target else None, teacher, batch,
                          dict(eps=0.002, T=80.0, rho=7.0), get_distance("l2"), 0.5)
-    loss, _ = spec.build(OPTS[method], c)(3)
+    loss, _ = spec.build(OPTS[method], c)(3, Draws())
     loss.backward()
     users = {"teacher": 1, "cd": 3, "ct": 2, "ict": 2, "ect": 2, "cd_cont": 2, "ct_cont": 1}
     assert len(seen) >= users[method]  # online + target / teacher evaluations
@@ -85,8 +87,9 @@ def test_progressive_distillation_conditions_student_and_teacher():
     student = copy.deepcopy(teacher).requires_grad_(True)
     student.model.seen = seen  # one record for both (deepcopy copied the list)
     y = one_hot(torch.tensor([0, 3, 1, 2, 3]), K)
-    c = registry.Context(student, None, teacher, lambda n: (torch.randn(n, 2), y), {}, None, 0.5)
-    x, D_s, _, D_t = c.draw(5)
+    c = registry.Context(student, None, teacher, lambda rng: (torch.randn(5, 2), y), {}, None,
+                         0.5)
+    x, D_s, _, D_t = c.draw(Draws())
     objectives.progressive_distillation_loss(D_s, D_t, x, 2).backward()
     assert len(seen) == 3 and all(torch.equal(s, y) for s in seen)  # 2 teacher + 1 student
 

@@ -189,8 +189,8 @@ class Bench:
         Each call is the next step k. ``backbone``: the teacher's network (EDM comparison)."""
         opt, sd, teacher, after = self.options(method), self.d["sigma_data"], None, None
 
-        def batch(n):  # training draws n data points; here the one random batch
-            return self.x0[:n]
+        def batch(rng):  # training draws the step's data points; here the one random batch
+            return self.x0[rng.rows]
 
         if method in dag.NEEDS_TEACHER:
             teacher = self.model("denoiser").eval().requires_grad_(False)
@@ -198,9 +198,9 @@ class Bench:
             steps = opt["start_steps"] // 2
             model = copy.deepcopy(teacher).train().requires_grad_(True)
 
-            def loss_fn(k):
-                return progressive_distillation_loss(model, teacher, batch(opt["batch"]), steps,
-                                                     sd, **self.grid), {"steps": steps}
+            def loss_fn(k, rng):
+                return progressive_distillation_loss(model, teacher, batch(rng), steps, sd,
+                                                     **self.grid, rng=rng), {"steps": steps}
             nfe, detail = 3, f"{steps}-step student: 2 teacher DDIM fwd + 1 fwd/bwd"
         else:
             spec = registry.METHODS[method]
@@ -219,7 +219,7 @@ class Bench:
             else:
                 nfe, detail = (1, "EDM loss") if method == "teacher" else \
                     (2, f"{opt['curriculum']} curriculum: target fwd + 1 fwd/bwd")
-        step, ks = TrainStep(model, loss_fn, opt, after), itertools.count()
+        step, ks = TrainStep(model, loss_fn, opt, after, seed=self.seed), itertools.count()
 
         @contextlib.contextmanager
         def during():

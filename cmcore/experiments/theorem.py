@@ -148,13 +148,11 @@ def train_cd_exact(gm, solver, N, train, *, seed, eps, T, rho):
            "solver": solver, "target_mu": mu, "optimizer": "adam", "warmup": 0,
            "lr_decay": "linear", "grad_clip": None, "ema": 0.0,  # f itself is measured
            "log_every": train["iters"]}
-    g = torch.Generator().manual_seed(seed)  # the data
-
     def teacher(x, t):
         return gm.denoiser(x, t).to(x.dtype)  # exact in float64, cast for the network
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the initialisation, and the n and z the loss draws
+        torch.manual_seed(seed)  # the initialisation (each step's draws: fit, seeded by seed)
         net = build_network({"arch": "mlp", "in_channels": gm.means.shape[1],
                              "hidden": train["hidden"], "depth": train["depth"]})
         f = ConsistencyFunction(net, eps=eps)
@@ -162,10 +160,13 @@ def train_cd_exact(gm, solver, N, train, *, seed, eps, T, rho):
         if mu > 0:
             target = copy.deepcopy(f).requires_grad_(False)
             after = target_update(target, f)
-        context = Context(f, target, teacher, lambda n: gm.sample(n, g).float(),
-                          dict(eps=eps, T=T, rho=rho), l2, f.sigma_data)
+
+        def batch(rng):  # x0 ~ gm, drawn with the step's other random numbers
+            return rng.draw(lambda m, g: gm.sample(m, g).float(), rng.n, "cpu")
+        context = Context(f, target, teacher, batch, dict(eps=eps, T=T, rho=rho), l2,
+                          f.sigma_data)
         fit(f, METHODS["cd"].build(opt, context), opt, CSVLog(None), after,
-            echo=lambda line: None, label=f"cd {solver} N={N}")
+            echo=lambda line: None, label=f"cd {solver} N={N}", seed=seed)
     return f.eval().requires_grad_(False)
 
 

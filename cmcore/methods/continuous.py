@@ -27,6 +27,7 @@ from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmcore.diffusion.precond import _per_sample
+from cmcore.diffusion.rng import Draws
 from cmcore.diffusion.solvers import drift
 from cmcore.methods.distances import l1, l2
 
@@ -92,29 +93,33 @@ def continuous_consistency_loss(f, x_t, t, dx_dt, distance=l2, weight=1.0):
     return (weight * per_sample).mean()
 
 
-def _sample_t(x0, eps, T, rho):
+def _sample_t(x0, eps, T, rho, rng):
     """t = tau(u), u ~ U[0, 1], and the weight 1 / (tau^{-1})'(t), both (B,) in x0's dtype."""
-    u = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+    u = rng.rand(x0.shape[0], x0.device, x0.dtype)
     return karras_warp(u, eps, T, rho)
 
 
-def continuous_cd_loss(f, D_teacher, x0, distance=l2, eps=0.002, T=80.0, rho=7.0, weighting=None):
+def continuous_cd_loss(f, D_teacher, x0, distance=l2, eps=0.002, T=80.0, rho=7.0, weighting=None,
+                       rng=None):
     """L_CD^inf pseudo-objective: dx_t/dt = (x_t - D_phi(x_t, t)) / t, the teacher's PF-ODE.
 
     ``weighting`` is lambda(t) (a callable of the (B,) times; None is 1).
     """
-    t, dt_du = _sample_t(x0, eps, T, rho)
-    x_t = x0 + _per_sample(t, x0) * torch.randn_like(x0)
+    rng = rng or Draws()
+    t, dt_du = _sample_t(x0, eps, T, rho, rng)
+    x_t = x0 + _per_sample(t, x0) * rng.randn_like(x0)
     with torch.no_grad():
         v = drift(D_teacher, x_t, t)  # = -t s_phi(x_t, t)
     weight = dt_du if weighting is None else weighting(t) * dt_du
     return continuous_consistency_loss(f, x_t, t, v, distance, weight)
 
 
-def continuous_ct_loss(f, x0, distance=l2, eps=0.002, T=80.0, rho=7.0, weighting=None):
+def continuous_ct_loss(f, x0, distance=l2, eps=0.002, T=80.0, rho=7.0, weighting=None,
+                       rng=None):
     """L_CT^inf pseudo-objective: dx_t/dt estimated by (x_t - x) / t = z (Tweedie, unbiased)."""
-    t, dt_du = _sample_t(x0, eps, T, rho)
-    z = torch.randn_like(x0)
+    rng = rng or Draws()
+    t, dt_du = _sample_t(x0, eps, T, rho, rng)
+    z = rng.randn_like(x0)
     x_t = x0 + _per_sample(t, x0) * z
     weight = dt_du if weighting is None else weighting(t) * dt_du
     return continuous_consistency_loss(f, x_t, t, z, distance, weight)

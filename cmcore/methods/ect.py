@@ -13,7 +13,8 @@ Our consistency functions live on [eps, T] with f(x, eps) = x (ECT's on [0, T] w
 so t is drawn from the lognormal truncated to [eps, T] and r is clamped at eps instead of 0; a
 clamped r has the exact target x + eps z (the boundary condition), ECT's x at r = 0.
 
-API (pure functions; random numbers from torch's global generators):
+API (pure functions; per-example random numbers from ``rng``, a
+cmcore.diffusion.rng.Draws; by default torch's own generators):
     consistency_from_denoiser(D, eps) -> ConsistencyFunction    the denoiser's backbone, copied
     ect_stage(k, d) -> int                                       a = max(ceil(k / d), 1)
     ect_r(t, k, d, q, kappa, b, eps) -> tensor                   the mapping t -> r
@@ -28,6 +29,7 @@ import math
 import torch
 
 from cmcore.diffusion.precond import ConsistencyFunction, _per_sample
+from cmcore.diffusion.rng import Draws
 from cmcore.methods.distances import pseudo_huber
 from cmcore.methods.ict import stopgrad_pair
 
@@ -64,14 +66,14 @@ def ect_r(t, k, d, q=2.0, kappa=8.0, b=1.0, eps=0.002):
     return torch.clamp(t * (1 - n_t / q ** ect_stage(k, d)), min=eps)
 
 
-def ect_sample_t(n, P_mean=-1.1, P_std=2.0, eps=0.002, T=80.0):
+def ect_sample_t(n, P_mean=-1.1, P_std=2.0, eps=0.002, T=80.0, rng=None):
     """ln t ~ N(P_mean, P_std^2) truncated to [eps, T], by inverse CDF; shape (n,), float64.
 
     t is kept a hair above eps (factor 1 + 1e-6) so that t - r > 0 in the weighting.
     """
     lo = torch.special.ndtr(torch.tensor((math.log(eps) - P_mean) / P_std, dtype=torch.float64))
     hi = torch.special.ndtr(torch.tensor((math.log(T) - P_mean) / P_std, dtype=torch.float64))
-    u = lo + (hi - lo) * torch.rand(n, dtype=torch.float64)
+    u = lo + (hi - lo) * (rng or Draws()).rand(n, "cpu", torch.float64)
     t = (P_mean + P_std * torch.special.ndtri(u)).exp()
     return t.clamp(eps * (1 + 1e-6), T)
 
@@ -89,6 +91,7 @@ def ect_loss(
     eps=0.002,
     T=80.0,
     distance=ECT_DISTANCE,
+    rng=None,
 ):
     """L_ECT = E[ d(f_theta(x + t z, t), f_theta-(x + r z, r)) / (t - r) ], r = ect_r(t, k, ...),
     theta^- = stopgrad(theta), at iteration k with d iterations per stage.
@@ -97,13 +100,13 @@ def ect_loss(
     student's RNG state (shared dropout masks). Batch mean.
     """
     # Sample t, map it to r (float64 so that the gap t - r is exact enough).
-    t64 = ect_sample_t(x0.shape[0], P_mean, P_std, eps, T)
+    t64 = ect_sample_t(x0.shape[0], P_mean, P_std, eps, T, rng)
     r64 = ect_r(t64, k, d, q, kappa, b, eps)
     weight = (1 / (t64 - r64)).to(x0.device, x0.dtype)
     t, r = t64.to(x0.device, x0.dtype), r64.to(x0.device, x0.dtype)
 
     # One noise direction for both points; the teacher is the student without gradient.
-    f_t, f_r, x_r = stopgrad_pair(f, x0, t, r)
+    f_t, f_r, x_r = stopgrad_pair(f, x0, t, r, rng)
     # r clamped to eps: the boundary condition gives the target exactly.
     at_boundary = _per_sample((r64 <= eps).to(x0.device), x0) > 0
     f_r = torch.where(at_boundary, x_r, f_r)

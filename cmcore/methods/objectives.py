@@ -1,6 +1,7 @@
 """Training objectives over the D / f contract. Each returns the batch-mean loss.
 
-Random numbers come from torch's global generator, so a seeded run is reproducible. CD and CT
+Per-example random numbers come from ``rng`` (cmcore.diffusion.rng.Draws: in training, the
+loop's draws at the global batch; by default torch's own generators). CD and CT
 run the target network theta^- in train mode under the online network's dropout masks
 (cmcore.diffusion.rng.same_randomness): with theta^- = theta and t_n -> t_{n+1} the loss then
 goes to 0, as it must; with dropout 0 (the published CD and CT runs) nothing changes.
@@ -15,18 +16,19 @@ import functools
 import torch
 
 from cmcore.diffusion.precond import _per_sample
-from cmcore.diffusion.rng import same_randomness
+from cmcore.diffusion.rng import Draws, same_randomness
 from cmcore.diffusion.schedules import karras_grid, pd_grid
 
 
-def edm_loss(D, x0, sigma_data=0.5, P_mean=-1.2, P_std=1.2):
+def edm_loss(D, x0, sigma_data=0.5, P_mean=-1.2, P_std=1.2, rng=None):
     """E_{s, n}[ lambda(s) ||D(x0 + n, s) - x0||^2 ], ln s ~ N(P_mean, P_std^2), n ~ N(0, s^2 I),
     lambda(s) = (s^2 + sd^2) / (s sd)^2 (EDM denoising score matching, the teacher's loss).
     """
-    sigma = (torch.randn(x0.shape[0], device=x0.device) * P_std + P_mean).exp()
+    rng = rng or Draws()
+    sigma = (rng.randn(x0.shape[0], x0.device) * P_std + P_mean).exp()
     s = _per_sample(sigma, x0)
     weight = (s**2 + sigma_data**2) / (s * sigma_data) ** 2
-    D_x = D(x0 + s * torch.randn_like(x0), sigma)
+    D_x = D(x0 + s * rng.randn_like(x0), sigma)
     return (weight * (D_x - x0).square()).mean()
 
 
@@ -43,22 +45,23 @@ def _device_grid(grid, N, eps, T, rho, x0):
     return _grid_on(grid, N, eps, T, rho, x0.device, x0.dtype)
 
 
-def _pair_indices(x0, N):
+def _pair_indices(x0, N, rng):
     """n ~ U{1, ..., N-1} as 0-based indices into the ascending grid: (t_n, t_{n+1})."""
-    return torch.randint(0, N - 1, (x0.shape[0],), device=x0.device)
+    return rng.randint(N - 1, x0.shape[0], x0.device)
 
 
 def consistency_distillation_loss(f, f_target, D_teacher, x0, N, solver, distance,
-                                  eps=0.002, T=80.0, rho=7.0, weighting=None):
+                                  eps=0.002, T=80.0, rho=7.0, weighting=None, rng=None):
     """L_CD^N = E[ lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^phi_{t_n}, t_n)) ]
     (paper, Algorithm 2), x_{t_{n+1}} = x + t_{n+1} z, x^phi_{t_n} one ODE-solver step of the
     teacher from t_{n+1} to t_n.
     """
+    rng = rng or Draws()
     t = _device_grid(karras_grid, N, eps, T, rho, x0)
-    n = _pair_indices(x0, N)
+    n = _pair_indices(x0, N, rng)
     t_n, t_n1 = t[n], t[n + 1]
     # Sample x_{t_{n+1}} ~ N(x, t_{n+1}^2 I).
-    x_n1 = x0 + _per_sample(t_n1, x0) * torch.randn_like(x0)
+    x_n1 = x0 + _per_sample(t_n1, x0) * rng.randn_like(x0)
     with torch.inference_mode():
         # One step of the teacher's PF-ODE solver gives x^phi_{t_n}.
         x_phi = solver(D_teacher, x_n1, t_n1, t_n)
@@ -73,15 +76,16 @@ def consistency_distillation_loss(f, f_target, D_teacher, x0, N, solver, distanc
 
 
 def consistency_training_loss(f, f_target, x0, N, distance, eps=0.002, T=80.0, rho=7.0,
-                              weighting=None):
+                              weighting=None, rng=None):
     """L_CT^N = E[ lambda(t_n) d(f_theta(x + t_{n+1} z, t_{n+1}), f_theta-(x + t_n z, t_n)) ]
     (paper, Algorithm 3): the teacher step replaced by the unbiased estimate x + t_n z.
     """
+    rng = rng or Draws()
     t = _device_grid(karras_grid, N, eps, T, rho, x0)
-    n = _pair_indices(x0, N)
+    n = _pair_indices(x0, N, rng)
     t_n, t_n1 = t[n], t[n + 1]
     # One z shared by both points of the pair: the Tweedie estimate of the ODE step.
-    z = torch.randn_like(x0)
+    z = rng.randn_like(x0)
 
     def target():
         with torch.inference_mode():
@@ -100,7 +104,7 @@ def ddim_step(D, x, t, t_next):
 
 
 def progressive_distillation_loss(D_student, D_teacher, x0, steps, sigma_data=0.5,
-                                  eps=0.002, T=80.0, rho=7.0):
+                                  eps=0.002, T=80.0, rho=7.0, rng=None):
     """E[ w(t) ||D_s(x_t, t) - x0~||^2 ] (Salimans & Ho 2022, in EDM's sigma parameterisation).
 
     One student DDIM step t -> t'' on the ``steps``-step grid must match two teacher DDIM steps
@@ -108,10 +112,11 @@ def progressive_distillation_loss(D_student, D_teacher, x0, steps, sigma_data=0.
     step land on the teacher's x'': x0~ = (x'' - r x_t) / (1 - r), r = t''/t. The weight
     w(t) = max(sd^2 / t^2, 1) is the truncated-SNR weighting of the PD paper.
     """
+    rng = rng or Draws()
     grid = _device_grid(pd_grid, 2 * steps, eps, T, rho, x0)
-    i = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
+    i = rng.randint(steps, x0.shape[0], x0.device)
     t, t_mid, t_end = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
-    x_t = x0 + _per_sample(t, x0) * torch.randn_like(x0)
+    x_t = x0 + _per_sample(t, x0) * rng.randn_like(x0)
     with torch.inference_mode():
         # Two teacher DDIM steps t -> t' -> t''.
         x_end = ddim_step(D_teacher, ddim_step(D_teacher, x_t, t, t_mid), t_mid, t_end)

@@ -3,10 +3,11 @@
 A method names its model kind (a denoiser D or a consistency function f), whether it starts
 from the teacher's weights, whether it keeps a target network theta^- (updated after each step
 as theta^- <- mu theta^- + (1 - mu) theta), and its loss builder. A builder takes the method's
-settings ``opt`` and a Context and returns loss_fn(k) -> (loss, stats) for
-cmcore.training.loop.fit; ``stats['mu']`` is the target's decay. Class-conditional data: each
-step's networks (online, target, teacher and so its ODE step) see the labels of the step's data
-points (Context.draw).
+settings ``opt`` and a Context and returns loss_fn(k, rng) -> (loss, stats) for
+cmcore.training.loop.fit, ``rng`` the step's per-example draws (cmcore.diffusion.rng.Draws:
+the rows of this process's micro-batch); ``stats['mu']`` is the target's decay.
+Class-conditional data: each step's networks (online, target, teacher and so its ODE step) see
+the labels of the step's data points (Context.draw).
 
     teacher   EDM denoising loss (the teacher of CD and PD)
     cd, ct    the paper's Algorithms 2 and 3
@@ -38,9 +39,9 @@ class Method:
 @dataclass(frozen=True)
 class Context:
     """What a loss builder works with: the online network (f_theta or D_theta), the target
-    f_theta^- (None without one), the teacher D_phi (None without one), batch(n) -> n data
-    points x, or (x, y) with their one-hot class labels y, the Karras grid (eps, T, rho), the
-    distance d and sigma_data."""
+    f_theta^- (None without one), the teacher D_phi (None without one), batch(rng) -> the data
+    points x of the step's rows ``rng.rows``, or (x, y) with their one-hot class labels y, the
+    Karras grid (eps, T, rho), the distance d and sigma_data."""
 
     net: object
     target: object
@@ -50,54 +51,55 @@ class Context:
     distance: object
     sigma_data: float
 
-    def draw(self, n):
-        """(x, f_theta, f_theta^-, D_phi) for n data points x: the networks given the points'
-        class labels, the same to all three (as they are for unlabelled data)."""
-        out = self.batch(n)
+    def draw(self, rng):
+        """(x, f_theta, f_theta^-, D_phi) for the step's data points x (drawn by ``rng``): the
+        networks given the points' class labels, the same to all three."""
+        out = self.batch(rng)
         x, y = out if isinstance(out, tuple) else (out, None)
         return x, *(None if m is None else conditioned(m, y)
                     for m in (self.net, self.target, self.teacher))
 
 
 def _teacher(opt, c):
-    def loss_fn(k):
-        x, D, _, _ = c.draw(opt["batch"])
-        return objectives.edm_loss(D, x, c.sigma_data), {}
+    def loss_fn(k, rng):
+        x, D, _, _ = c.draw(rng)
+        return objectives.edm_loss(D, x, c.sigma_data, rng=rng), {}
     return loss_fn
 
 
 def _cd(opt, c):
     solver = get_solver(opt["solver"])
 
-    def loss_fn(k):
-        x, f, f_target, D = c.draw(opt["batch"])
+    def loss_fn(k, rng):
+        x, f, f_target, D = c.draw(rng)
         loss = objectives.consistency_distillation_loss(f, f_target, D, x, opt["N"], solver,
-                                                        c.distance, **c.grid)
+                                                        c.distance, **c.grid, rng=rng)
         return loss, {"N": opt["N"], "mu": opt["target_mu"]}
     return loss_fn
 
 
 def _ct(opt, c):
-    def loss_fn(k):
+    def loss_fn(k, rng):
         if opt["curriculum"] == "fixed":  # the baseline of Fig. 3d: constant N and mu
             N, mu = opt["N"], opt["mu"]
         else:  # the adaptive curriculum: N(k) grows and mu(k) follows it
             N = schedules.ct_N(k, opt["iters"], opt["s0"], opt["s1"])
             mu = schedules.ct_mu(k, opt["iters"], opt["s0"], opt["s1"], opt["mu0"],
                                  opt["schedule_variant"])
-        x, f, f_target, _ = c.draw(opt["batch"])
-        loss = objectives.consistency_training_loss(f, f_target, x, N, c.distance, **c.grid)
+        x, f, f_target, _ = c.draw(rng)
+        loss = objectives.consistency_training_loss(f, f_target, x, N, c.distance, **c.grid,
+                                                    rng=rng)
         return loss, {"N": N, "mu": mu}
     return loss_fn
 
 
 def _ict(opt, c):
-    def loss_fn(k):
+    def loss_fn(k, rng):
         # Exponential curriculum N(k); lognormal pair index; 1 / dt weighting; theta^- = theta.
         N = ict.ict_N(k, opt["iters"], opt["s0"], opt["s1"])
-        x, f, _, _ = c.draw(opt["batch"])
+        x, f, _, _ = c.draw(rng)
         loss = ict.ict_loss(f, x, N, P_mean=opt["P_mean"],
-                            P_std=opt["P_std"], distance=c.distance, **c.grid)
+                            P_std=opt["P_std"], distance=c.distance, **c.grid, rng=rng)
         return loss, {"N": N}
     return loss_fn
 
@@ -105,26 +107,26 @@ def _ict(opt, c):
 def _ect(opt, c):
     d = max(1, round(opt["iters"] / opt["stages"]))  # iterations per halving of t - r
 
-    def loss_fn(k):
-        x, f, _, _ = c.draw(opt["batch"])
+    def loss_fn(k, rng):
+        x, f, _, _ = c.draw(rng)
         loss = ect.ect_loss(f, x, k, d, q=opt["q"],
                             P_mean=opt["P_mean"], P_std=opt["P_std"], eps=c.grid["eps"],
-                            T=c.grid["T"], distance=c.distance)
+                            T=c.grid["T"], distance=c.distance, rng=rng)
         return loss, {"ect_stage": ect.ect_stage(k, d)}
     return loss_fn
 
 
 def _cd_cont(opt, c):
-    def loss_fn(k):
-        x, f, _, D = c.draw(opt["batch"])
-        return continuous.continuous_cd_loss(f, D, x, c.distance, **c.grid), {}
+    def loss_fn(k, rng):
+        x, f, _, D = c.draw(rng)
+        return continuous.continuous_cd_loss(f, D, x, c.distance, **c.grid, rng=rng), {}
     return loss_fn
 
 
 def _ct_cont(opt, c):
-    def loss_fn(k):
-        x, f, _, _ = c.draw(opt["batch"])
-        return continuous.continuous_ct_loss(f, x, c.distance, **c.grid), {}
+    def loss_fn(k, rng):
+        x, f, _, _ = c.draw(rng)
+        return continuous.continuous_ct_loss(f, x, c.distance, **c.grid, rng=rng), {}
     return loss_fn
 
 

@@ -27,7 +27,7 @@ from cmcore import dag
 from cmcore.files import atomic
 
 FORMAT = "cmcore-checkpoint/1"
-RESUME_FORMAT = "cmcore-resume/1"
+RESUME_FORMAT = "cmcore-resume/2"  # 2: per-step seeded draws, no RNG states
 # Ctrl-C (SIGINT) too: a stop request saves the resume file at the end of the step.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -128,20 +128,6 @@ def run_identity(cfg, method, data, teacher=None):
             "data_sha256": fingerprint(data), "teacher_sha256": fingerprint(teacher)}
 
 
-def rng_states():
-    """torch's global generator states: CPU, and every CUDA device when CUDA is initialised."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["cpu"])
-    if states["cuda"] and torch.cuda.is_available():
-        n = min(len(states["cuda"]), torch.cuda.device_count())
-        for i in range(n):
-            torch.cuda.set_rng_state(states["cuda"][i], i)
-
-
 class ResumeFile:
     """The resume file ``<out>.partial`` of one run, and the stop request of a signal.
 
@@ -184,7 +170,7 @@ class ResumeFile:
 
     def save(self, state):
         save_checkpoint(self.path, {"format": RESUME_FORMAT, "identity": self.identity,
-                                    **state, **self.extra(), "rng": rng_states()})
+                                    **state, **self.extra()})
         self.saved = f"{state['label']} step {state['k']}"
 
     def last_good(self):

@@ -5,45 +5,30 @@ gradient of the mean over the GLOBAL batch of B = the config's ``batch`` example
 batch 512 is global; the learning rate is the config's, not scaled). B must be divisible by P.
 
 How the runs of P processes and of one process stay equal (up to float noise):
-1. Every rank seeds torch's global generator alike (the config's seed) and draws everything for
-   the full global batch: the data indices and flips of B examples (``World.local`` then keeps
-   rows [r B/P, (r+1) B/P)), and, inside the loss, every per-example random number. The
-   objectives draw those with ``torch.randn_like(x0)``, ``torch.randn(B_local)``,
-   ``torch.randint(lo, hi, (B_local,))``, ``torch.rand([B_local, 1])``,
-   ``torch.multinomial(p, B_local, replacement=True)`` (iCT) and ``F.dropout`` on x0's local
-   batch; ``World.global_draws`` is a TorchFunctionMode that turns each such call
-   whose leading dimension is B/P into the same call at B and returns rank r's rows (dropout:
-   ATen's dropout of ones at B gives the mask, rank r multiplies its rows by the mask's). So every
-   rank consumes the generator exactly as one process does, the generator states of all ranks
-   and of a one-process run stay equal, and the noise z, the indices n (hence t_n, sigma) and
-   the dropout masks of example i are the same whatever P. No objective knows about ranks.
-   Draws of another leading size (the batch draw itself at B, per-batch scalars) pass through:
-   every rank draws them alike. Per-example draws through other calls (``Tensor.normal_``,
-   ``torch.normal``, ``torch.bernoulli``) would be drawn at B/P on every rank (the same numbers
-   on every rank): add them to the mode before an objective uses them.
+1. Every per-example random number of a step (the data indices and flips of the B examples,
+   and inside the loss the noise z, the indices n, the times t) is drawn at the global batch
+   by generators seeded with the step's seed, and each rank keeps its rows
+   (cmcore.diffusion.rng.Draws, made by cmcore.training.loop.TrainStep): example i gets the
+   same numbers whatever P (and whatever the micro-batch size). The networks' own randomness
+   (dropout) comes from torch's generators, seeded per step and rank: it differs between ranks
+   and depends on P, as in EDM.
 2. DistributedDataParallel averages gradients over ranks: with equal local batches that is the
    gradient of the global mean. Optimizer, gradient clipping, EMA and target network follow the
    synchronised parameters, so they are identical on every rank. Logged losses are all-reduced
    to the global mean; the first non-finite step is reduced to its minimum over ranks.
 3. Only rank 0 writes the checkpoint, the resume file, the CSV log and progress lines. Every
-   rank reads the same resume file (its RNG states are those of every rank, see 1); a resume file
-   of a P-process run resumes under any other P, and one process's under DDP. A stop signal
-   seen by any rank stops every rank after the same step (a max-reduce over a CPU group each
-   step); the others wait at a barrier until rank 0 has written the resume file.
+   rank reads the same resume file (a step's random numbers follow from its seed, see 1); a
+   resume file of a P-process run resumes under any other P, and one process's under DDP. A
+   stop signal seen by any rank stops every rank after the same step (a max-reduce over a CPU
+   group each step); the others wait at a barrier until rank 0 has written the resume file.
 
 Backends: nccl on CUDA (one device per rank, ``cuda:LOCAL_RANK``), gloo on CPU.
 """
 
-import contextlib
 import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-
-_LIKE = (torch.randn_like, torch.rand_like, torch.randint_like)
-_SIZED = (torch.randn, torch.rand, torch.randint)
 
 
 class World:
@@ -65,11 +50,16 @@ class World:
     def is_main(self):
         return self.rank == 0
 
-    def check_batch(self, batch, name):
-        """ValueError unless the global batch splits evenly over the ranks."""
+    def check_batch(self, batch, name, batch_gpu=None):
+        """ValueError unless the global batch splits evenly over the ranks and each rank's share
+        into micro-batches of ``batch_gpu`` rows (None: one micro-batch)."""
         if batch % self.size:
             raise ValueError(f"{name} {batch} is not divisible by the world size {self.size} "
                              "(torchrun --nproc_per_node x nodes); the batch is global")
+        if batch_gpu and (batch // self.size) % batch_gpu:
+            raise ValueError(f"{name} {batch} over {self.size} rank(s) is {batch // self.size} "
+                             f"rows per rank, not a multiple of batch_gpu {batch_gpu}; pick a "
+                             "batch_gpu that divides it")
 
     def start(self, device):
         """Join the process group (nccl on CUDA, gloo on CPU); the device of this rank."""
@@ -91,13 +81,6 @@ class World:
             dist.destroy_process_group()
             self.owns_group = False
 
-    def local(self, x):
-        """Rows [rank B/P, (rank+1) B/P) of a global batch x of B rows."""
-        if self.size == 1:
-            return x
-        b = x.shape[0] // self.size
-        return x[self.rank * b:(self.rank + 1) * b]
-
     def wrap(self, model):
         """``model`` in DistributedDataParallel (gradients averaged over ranks), or itself."""
         if self.size == 1:
@@ -106,12 +89,6 @@ class World:
 
         ids = [self.local_rank] if self.cuda else None
         return DistributedDataParallel(model, device_ids=ids)
-
-    def global_draws(self, batch):
-        """Inside: per-example random draws at the local batch are made at ``batch``, sliced."""
-        if self.size == 1:
-            return contextlib.nullcontext()
-        return _GlobalDraws(self, batch // self.size, batch)
 
     def mean(self, x):
         """The mean over ranks of a tensor (a loss: the global-batch mean)."""
@@ -141,74 +118,3 @@ class World:
     def barrier(self):
         if self.size > 1:
             dist.barrier(group=self.cpu_group)
-
-    def restore_rng(self, states):
-        """After set_rng_states: every rank's CUDA generator takes rank 0's saved state."""
-        if self.size > 1 and self.cuda and states["cuda"]:
-            torch.cuda.set_rng_state(states["cuda"][0])
-
-
-class _GlobalDraws(TorchFunctionMode):
-    """Per-example random draws at the local batch b become draws at the global batch B,
-    sliced to this rank's rows (step 1 of the module docstring)."""
-
-    def __init__(self, world, b, B):
-        super().__init__()
-        self.world, self.b, self.B = world, b, B
-
-    def _grow(self, size):
-        size = list(size)
-        if size and size[0] == self.b:
-            return [self.B, *size[1:]]
-        return None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = None
-        if func in _LIKE and args and isinstance(args[0], torch.Tensor):
-            if self._grow(args[0].shape) is not None:
-                out = func(self._global_like(args[0]), *args[1:], **kwargs)
-        elif func in _SIZED:
-            out = self._sized(func, args, kwargs)
-        elif func is F.dropout:
-            out = self._dropout(func, *args, **kwargs)
-        elif func is torch.multinomial:
-            out = self._multinomial(func, *args, **kwargs)
-        if out is None:
-            return func(*args, **kwargs)
-        return out if func is F.dropout else self.world.local(out)
-
-    def _global_like(self, x):
-        """An empty tensor like x at the global batch, its dimensions in x's memory order (a
-        CPU generator may fill tensors in memory order: channels-last ones differ)."""
-        perm = sorted(range(x.ndim), key=lambda d: -x.stride(d))  # stable: ties by dimension
-        size = [self.B, *x.shape[1:]]
-        inverse = [perm.index(d) for d in range(x.ndim)]
-        return x.new_empty([size[d] for d in perm]).permute(inverse)
-
-    def _sized(self, func, args, kwargs):
-        if "size" in kwargs:
-            size = self._grow(kwargs["size"])
-            return None if size is None else func(*args, **{**kwargs, "size": size})
-        for i, a in enumerate(args):  # randint(high, size), randint(low, high, size), randn(size)
-            if isinstance(a, list | tuple | torch.Size):
-                size = self._grow(a)
-                return None if size is None else func(*args[:i], size, *args[i + 1:], **kwargs)
-        if func is not torch.randint and args and all(isinstance(a, int) for a in args):
-            size = self._grow(args)  # randn(b, d, ...)
-            return None if size is None else func(*size, **kwargs)
-        return None
-
-    def _multinomial(self, func, input, num_samples, replacement=False, **kwargs):
-        # One category per example (iCT's noise index n): drawn at B, this rank's rows kept.
-        if input.ndim != 1 or num_samples != self.b or not replacement:
-            return None
-        return func(input, self.B, True, **kwargs)
-
-    def _dropout(self, func, input, p=0.5, training=True, inplace=False):
-        # The mask (0 or 1/(1-p)) of ATen's own dropout of ones at the global batch: the same
-        # random numbers and the same values as one process's dropout of its global batch.
-        if not training or not 0 < p < 1 or not input.ndim or input.shape[0] != self.b:
-            return None
-        mask = self.world.local(func(self._global_like(input).fill_(1), p, True))
-        return input.mul_(mask) if inplace else input * mask

@@ -1,7 +1,7 @@
 """The fast-step options of cmcore.training.fit, one set per method ($defs/training):
 
     option     default  what it does
-    precision  fp32     bf16: torch.autocast(device, bfloat16) around loss_fn(k) only (the
+    precision  fp32     bf16: torch.autocast(device, bfloat16) around loss_fn(k, rng) only (the
                         online, teacher and target forwards); the loss is cast back to fp32, and
                         backward into fp32 parameters, optimizer, EMA and target updates stay
                         fp32 (no loss scaling: bf16 has fp32's exponent range)

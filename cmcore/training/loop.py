@@ -43,6 +43,7 @@ from cmcore.config import code_version
 from cmcore.data import load_prepared, to_model_space
 from cmcore.diffusion import schedules
 from cmcore.diffusion.precond import one_hot
+from cmcore.diffusion.rng import Draws, step_seed
 from cmcore.methods import objectives, registry
 from cmcore.methods.distances import get_distance
 from cmcore.models import (
@@ -61,7 +62,6 @@ from cmcore.training.checkpoints import (
     output_lock,
     run_identity,
     save_checkpoint,
-    set_rng_states,
 )
 from cmcore.training.distributed import World
 
@@ -134,22 +134,55 @@ class TrainStep:
 
         lr_k = lr min(1, (k + 1) / warmup)                (lr when warmup is 0)
         lr_k = lr (1 - k / iters)                         (opt["lr_decay"] == "linear")
-        (L, stats) = loss_fn(k);  g = grad L, clipped to norm grad_clip when set
+        L = (1/M) sum_m loss_fn(k, rng_m), g = grad L, clipped to norm grad_clip when set
         theta <- optimizer step(theta, g, lr_k);  after_step(k, stats)  (the target update)
         ema <- d ema + (1 - d) theta,  d = min(ema, (1 + k) / (10 + k))
 
-    ``opt``: the method's section (cmcore.training.fast for its fast-step options). Returns
-    (loss in fp32, stats, lr_k) without waiting for the device: lr, decays and clipping norms
-    stay Python floats or device tensors (tests/test_fast_step.py). cm bench times it as is.
+    Micro-batches (``opt["batch_gpu"]``, default the rank's whole share): this rank's B/P rows
+    of the global batch B in M pieces, gradients accumulated (DDP synchronises after the last);
+    rng_m draws the step's per-example numbers at B and keeps piece m's rows
+    (cmcore.diffusion.rng.Draws, seeded by (seed, label, k)), so every split of B over ranks
+    and micro-batches gives the same update up to float rounding. The networks' own randomness
+    (dropout) comes from torch's generators, seeded by (seed, label, k, rank) at each step.
+
+    ``opt``: the method's section (cmcore.training.fast for its fast-step options); ``net``:
+    the network loss_fn calls (a DDP wrapper, or the model). Returns (loss in fp32, stats,
+    lr_k) without waiting for the device: lr, decays and clipping norms stay Python floats or
+    device tensors (tests/test_fast_step.py). cm bench times it as is.
     """
 
-    def __init__(self, model, loss_fn, opt, after_step=None, world=None):
+    def __init__(self, model, loss_fn, opt, after_step=None, world=None, seed=0, label="",
+                 net=None):
         self.loss_fn, self.opt, self.after_step = loss_fn, opt, after_step
-        self.world = world or World()
+        self.world, self.seed, self.label, self.net = world or World(), seed, label, net
         self.optimizer = _optimizer(model, opt)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)  # before compiling: eager
         self.params, self.ema_params = list(model.parameters()), list(self.ema.parameters())
         self.device = self.params[0].device if self.params else torch.device("cpu")
+        B = opt["batch"]
+        b = B // self.world.size
+        g = opt.get("batch_gpu") or b
+        self.world.check_batch(B, f"{label} batch", g)
+        self.rows = [slice(self.world.rank * b + m * g, self.world.rank * b + (m + 1) * g)
+                     for m in range(b // g)]
+
+    def gradient(self, k):
+        """Zero the gradients, then accumulate g = grad L over the micro-batches; (L, stats)."""
+        opt, M = self.opt, len(self.rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(step_seed(self.seed, self.label, k, self.world.rank))  # dropout
+        seed, total = step_seed(self.seed, self.label, k), 0.0
+        for m, rows in enumerate(self.rows):
+            rng = Draws(seed, opt["batch"], rows)
+            # DDP averages the accumulated gradients once, after the last micro-batch.
+            no_sync = getattr(self.net, "no_sync", None)
+            with contextlib.nullcontext() if m == M - 1 or no_sync is None else no_sync():
+                with fast.autocast(opt, self.device):
+                    loss, stats = self.loss_fn(k, rng)
+                loss = loss.float()  # bf16 autocast: backward from an fp32 loss; fp32: itself
+                (loss / M if M > 1 else loss).backward()
+            total = total + loss.detach() / M if M > 1 else loss
+        return total, stats
 
     def __call__(self, k):
         opt, params = self.opt, self.params
@@ -158,11 +191,7 @@ class TrainStep:
             lr = opt["lr"] * (1 - k / opt["iters"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self.world.global_draws(opt["batch"]), fast.autocast(opt, self.device):
-            loss, stats = self.loss_fn(k)
-        loss = loss.float()  # bf16 autocast: backward from an fp32 loss; fp32: itself
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, stats = self.gradient(k)
         if opt["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
         self.optimizer.step()
@@ -186,8 +215,8 @@ def target_update(target, model):
 
 
 def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=None,
-        start=None, world=None):
-    """Run ``opt['iters']`` steps of loss_fn(k) -> (loss, stats); return (ema, optimizer,
+        start=None, world=None, seed=0, net=None):
+    """Run ``opt['iters']`` steps of loss_fn(k, rng) -> (loss, stats); return (ema, optimizer,
     snapshots), the last holding the EMA's state every ``opt['snapshot_every']`` steps.
 
     Per step: lr warm-up, backward, optional gradient clipping, optimizer step, after_step(k)
@@ -196,12 +225,13 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     step in which a stop signal arrived (then raises Preempted); ``start``, such a saved state,
     is where the loop continues. A non-finite loss raises FloatingPointError at the next log
     row or save, before either is written, so the resume file keeps the last good state.
-    ``world`` (cmcore.training.distributed.World): loss_fn runs with per-example draws made at the
-    global batch ``opt['batch']``; logged losses are global means; a stop signal stops all.
+    ``world`` (cmcore.training.distributed.World), ``seed``, ``label`` and ``net``: TrainStep
+    (the step's random numbers and micro-batches); logged losses are global means; a stop
+    signal stops all.
     ``opt``'s precision, tf32, fused and compile: cmcore.training.fast (module docstring).
     """
     world = world or World()
-    step = TrainStep(model, loss_fn, opt, after_step, world)
+    step = TrainStep(model, loss_fn, opt, after_step, world, seed, label, net)
     optimizer, ema, params, device = step.optimizer, step.ema, step.params, step.device
     watched = params + step.ema_params  # checked finite at every log row and save
     K, k0, t0 = opt["iters"], 0, time.time()
@@ -210,8 +240,6 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
         ema.load_state_dict(start["ema"])
         optimizer.load_state_dict(start["optimizer"])
         k0, t0 = start["k"], t0 - start["seconds"]
-        set_rng_states(start["rng"])  # last: from here on the random numbers of step k0 + 1
-        world.restore_rng(start["rng"])
     # The first step with a non-finite loss (0: none), kept on the device: no host sync.
     first_bad = torch.zeros((), dtype=torch.long, device=device)
     # EMA snapshots every ``snapshot_every`` steps, for FID against training iterations.
@@ -299,7 +327,8 @@ def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ck
                          "(config/config.yaml has every method's)")
     world = World.from_env()
     if method != "untrained":
-        world.check_batch(cfg[section]["batch"], f"{section}.batch")
+        own = cfg[section]
+        world.check_batch(own["batch"], f"{section}.batch", own.get("batch_gpu"))
     device = world.start(pick_device(cfg["device"]))
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     try:
@@ -364,15 +393,13 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
     if not world.is_main:
         echo = lambda line: None  # noqa: E731
 
-    def batch(size):
-        i = torch.randint(0, x_all.shape[0], (size,), device=device)
+    def batch(rng):  # the data points of this micro-batch's rows of the global batch
+        i = rng.randint(x_all.shape[0], rng.n, device)
         x = x_all[i]
         if cfg["dataset"]["xflip"]:
-            flip = torch.rand(size, device=device) < 0.5
+            flip = rng.rand(rng.n, device) < 0.5
             x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-        if not label_dim:
-            return world.local(x)  # this rank's rows of the global batch
-        return world.local(x), world.local(one_hot(y_all[i], label_dim))
+        return (x, one_hot(y_all[i], label_dim)) if label_dim else x
 
     if world.is_main:
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -427,7 +454,8 @@ def _train_single(method, run):
                                run.cfg["diffusion"]["sigma_data"])
     loss_fn = spec.build(opt, context)
     ema, optimizer, snapshots = fit(model, loss_fn, opt, run.log, after, run.echo, label=method,
-                                    resume=run.resume, start=run.start, world=run.world)
+                                    resume=run.resume, start=run.start, world=run.world,
+                                    seed=run.cfg["seed"], net=net)
     return {"kind": spec.kind, "model": model.state_dict(), "ema": ema.state_dict(),
             "snapshots": snapshots,
             "target": None if target is None else target.state_dict(),
@@ -453,13 +481,14 @@ def _train_pd(run):
 
         context = registry.Context(net, None, current, run.batch, run.grid, None, sd)
 
-        def loss_fn(k, context=context, steps=steps):
-            x, student, _, teacher = context.draw(opt["batch"])
+        def loss_fn(k, rng, context=context, steps=steps):
+            x, student, _, teacher = context.draw(rng)
             return objectives.progressive_distillation_loss(
-                student, teacher, x, steps, sd, **run.grid), {"steps": steps}
+                student, teacher, x, steps, sd, **run.grid, rng=rng), {"steps": steps}
         run.resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
         ema, _, _ = fit(student, loss_fn, opt, run.log, None, run.echo, label=f"pd{steps}",
-                        resume=run.resume, start=start, world=run.world)
+                        resume=run.resume, start=start, world=run.world, seed=run.cfg["seed"],
+                        net=net)
         start = None
         stages[str(steps)] = ema.state_dict()
         current, steps = ema, steps // 2
