@@ -110,7 +110,22 @@ def _network_error(cfg):
     return None
 
 
+def _nodes_error(resources):
+    for kind, r in resources.items():
+        if kind != "train" and r["nodes"] > 1:
+            return (f"resources.{kind}.nodes: only training jobs run on several nodes; set "
+                    f"it to 1")
+    nodes, gpus = resources["train"]["nodes"], resources["train"]["gpu"]
+    if nodes > 1 and (gpus < nodes or gpus % nodes):
+        return (f"resources.train.nodes = {nodes} needs resources.train.gpu (the job's GPUs, "
+                f"all nodes together) to be a multiple of {nodes}, not {gpus}")
+    return None
+
+
 def _training_error(cfg):
+    message = _nodes_error(cfg["resources"])
+    if message:
+        return message
     gpus = cfg["resources"]["train"]["gpu"]
     for name in TRAINING:
         if name not in cfg:

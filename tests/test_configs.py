@@ -103,6 +103,27 @@ def test_dry_run_plans_the_whole_dag(tmp_path, name):
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_paper_config_on_two_nodes_dry_runs_through_the_slurm_profile(tmp_path, name):
+    """Training on 2 nodes of 8 GPUs in micro-batches of 8: validated, planned through the
+    shipped profile with one task per node (cm train's srun starts each node's torchrun)."""
+    cfg, path = local_copy(tmp_path, name)
+    cfg["resources"]["train"].update(gpu=16, nodes=2)
+    for section in ("teacher", "cd", "ct", "pd"):
+        cfg[section]["batch_gpu"] = 8
+    path.write_text(yaml.safe_dump(cfg))
+    r = snakemake("--profile", "slurm", "reproduce_table", "-n", "--configfile", path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Using profile slurm" in r.stdout + r.stderr
+    assert re.search(r"\ntrain +4\n", r.stdout), r.stdout[-1500:]
+    cfg["teacher"]["batch_gpu"] = 24  # does not divide the 16 GPUs' shares of the batch
+    path.write_text(yaml.safe_dump(cfg))
+    r = snakemake("--profile", "slurm", "reproduce_table", "-n", "--configfile", path)
+    share = cfg["teacher"]["batch"] // 16
+    assert r.returncode != 0 and f"teacher.batch_gpu: 24 does not divide the {share} rows each " \
+        "GPU gets" in r.stdout + r.stderr
+
+
 def test_npz_variant_validates_and_missing_paths_are_one_line(tmp_path):
     npz = tmp_path / "imagenet64.npz"
     np.savez(npz, arr_0=np.zeros((4, 64, 64, 3), np.uint8), labels=np.arange(4))

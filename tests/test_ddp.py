@@ -6,6 +6,7 @@ under two; an indivisible batch is a one-line error."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ import torch
 import yaml
 from conftest import ROOT, cm, run
 
-from cmcore.config import load
+from cmcore import cli
+from cmcore.config import ConfigError, load
 from cmcore.data import load_dataset, save_prepared
 from cmcore.diffusion.rng import Draws, step_seed
 from cmcore.diffusion.solvers import get_solver
@@ -164,6 +166,72 @@ def test_two_processes_train_what_one_trains(setup, method):
     resumed = method == "ct"
     assert len(printed) == (3 if resumed else 4), r.stdout
     assert r.stdout.count("resuming ct from") == resumed
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meeting_at_the_rendezvous_train_what_one_process_trains(setup, tmp_path):
+    """resources.train.nodes = 2: the torchrun that cm train's srun starts on each node
+    (cmcore.cli.slurm_command), here two "nodes" of one process on this host meeting at the
+    same c10d rendezvous, train what one process trains."""
+    out = tmp_path / "checkpoint.pt"
+    argv = ["train", "--method", "teacher", "--config", str(setup["config"]), "--data",
+            str(setup["data"]), "--out", str(out), "--threads", "1"]
+    command = cli.torchrun_command(argv, 2, 2, f"127.0.0.1:{free_port()}", "test-two-nodes")
+    assert command[3:8] == ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                            command[6], "--rdzv_id=test-two-nodes"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    nodes = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [node.communicate(timeout=180) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in results]
+    one, two = (load_checkpoint(str(p)) for p in (setup["out"][1, "teacher"], out))
+    for weights in ("model", "ema"):
+        for key in one[weights]:
+            torch.testing.assert_close(two[weights][key], one[weights][key], **TOL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.pt", "loss.png", "train_log.csv"]
+
+
+def test_the_slurm_launch_of_several_nodes(monkeypatch):
+    argv = ["train", "--method", "cd", "--gpus", "16"]
+    command = cli.slurm_command(argv, 16, 2, {"SLURM_JOB_ID": "4321"})
+    host = socket.gethostname()
+    assert command == [
+        "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "--gpus-per-task=8", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+        "--nproc_per_node=8", "--rdzv_backend=c10d", f"--rdzv_endpoint={host}:33821",
+        "--rdzv_id=cm-4321", "-m", "cmcore", *argv]
+    with pytest.raises(ValueError, match=r"^resources.train.nodes is 2: training on several "
+                       r"nodes runs inside a Slurm job of 2 nodes \(snakemake --profile slurm, "
+                       r"or salloc --nodes=2\); SLURM_JOB_ID is not set here$"):
+        cli.slurm_command(argv, 16, 2, {})
+    with pytest.raises(ValueError, match=r"^--gpus 3 does not split over 2 nodes"):
+        cli.slurm_command(argv, 3, 2, {"SLURM_JOB_ID": "1"})
+
+
+def test_node_settings_that_cannot_run_are_one_line(setup, tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(dict(CFG, resources={"train": {"gpu": 2, "nodes": 2}})))
+    r = cm("train", "--method", "teacher", "--config", config, "--data", setup["data"],
+           "--out", tmp_path / "checkpoint.pt", "--gpus", "2")
+    assert r.returncode == 2 and r.stderr.startswith(
+        "cm train: error: resources.train.nodes is 2: training on several nodes runs inside a "
+        "Slurm job of 2 nodes") and r.stderr.count("\n") == 1, r.stderr
+    for resources, message in [
+            ({"sample": {"nodes": 2}}, "resources.sample.nodes: only training jobs run on "
+                                       "several nodes; set it to 1"),
+            ({"train": {"gpu": 3, "nodes": 2}}, "resources.train.nodes = 2 needs "
+             "resources.train.gpu (the job's GPUs, all nodes together) to be a multiple of 2, "
+             "not 3")]:
+        config.write_text(yaml.safe_dump(dict(CFG, resources=resources)))
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            load(config)
 
 
 def test_batch_not_divisible_by_the_world_size(setup, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ cmcore.cli.steps.
 
 import argparse
 import os
+import socket
 import sys
 
 from cmcore import config as config_mod
@@ -85,7 +86,8 @@ def build_parser():
     p.add_argument("--train-log", default=None, help="CSV log (default: beside --out)")
     p.add_argument("--loss-plot", default=None, help="PNG loss curve (default: beside --out)")
     p.add_argument("--gpus", type=_at_least(0), default=1,
-                   help="processes of a data-parallel run under torchrun when > 1")
+                   help="processes of a data-parallel run under torchrun when > 1, all nodes "
+                   "together (resources.train.nodes > 1: gpus / nodes per node, via srun)")
     p = add("sample", cmd_sample, "draw samples from a checkpoint (npz arr_0 uint8 NHWC)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--steps", type=_at_least(1), required=True, help="sampling steps")
@@ -160,23 +162,63 @@ def build_parser():
     return parser
 
 
-def torchrun_command(argv, nproc):
-    """The command that reruns ``cm argv`` as ``nproc`` data-parallel processes (torchrun)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "cmcore", *argv]
+def torchrun_command(argv, nproc, nodes=1, endpoint=None, run_id=None):
+    """The command that reruns ``cm argv`` as ``nproc`` data-parallel processes: torchrun
+    --standalone on one node; on each of ``nodes`` > 1, a torchrun of nproc / nodes processes,
+    all meeting at the c10d rendezvous ``endpoint`` (host:port) under ``run_id``."""
+    launch = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1:
+        launch += ["--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        launch += [f"--nnodes={nodes}", f"--nproc_per_node={nproc // nodes}",
+                   "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}"]
+    return [*launch, "-m", "cmcore", *argv]
+
+
+def slurm_command(argv, nproc, nodes, env, gpus_per_task=True):
+    """srun starting one torchrun_command per node of this Slurm job; the rendezvous is on this
+    host (the job's first node, where its batch script runs), at a port of the job id."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        raise ValueError(f"resources.train.nodes is {nodes}: training on several nodes runs "
+                         f"inside a Slurm job of {nodes} nodes (snakemake --profile slurm, or "
+                         f"salloc --nodes={nodes}); SLURM_JOB_ID is not set here")
+    if nproc % nodes:
+        raise ValueError(f"--gpus {nproc} does not split over {nodes} nodes; give a multiple "
+                         f"of {nodes} (resources.train.gpu counts all nodes' GPUs)")
+    endpoint = f"{socket.gethostname()}:{29500 + int(job) % 10000}"
+    srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+            "--kill-on-bad-exit=1"]
+    if gpus_per_task:
+        srun.append(f"--gpus-per-task={nproc // nodes}")
+    return srun + torchrun_command(argv, nproc, nodes, endpoint, f"cm-{job}")
+
+
+def _launch(argv, args, cfg):
+    """Exec the data-parallel launch of ``cm train`` (torchrun, or srun + torchrun on several
+    nodes) when it asks for more than one process and is not one of them already."""
+    nodes = cfg["resources"]["train"]["nodes"]
+    if args.command != "train" or args.dry_run or "LOCAL_RANK" in os.environ:
+        return
+    if nodes > 1:
+        command = slurm_command(argv, args.gpus, nodes, os.environ, cfg["device"] != "cpu")
+    elif args.gpus > 1:
+        command = torchrun_command(argv, args.gpus)
+    else:
+        return
+    os.execvp(command[0], command)  # DDP: cmcore.training
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "gpus", 1) > 1 and "LOCAL_RANK" not in os.environ and not args.dry_run:
-        os.execv(sys.executable, torchrun_command(argv, args.gpus))  # DDP: cmcore.training
     try:
         # Overrides join the file before validation: `--seed -5` is refused as `seed: -5` is.
         raw = config_mod.read_yaml(args.config)
         overrides = {key: value for key, value in (("seed", args.seed),
                                                    ("threads", args.threads)) if value is not None}
         cfg = config_mod.validate({**raw, **overrides} if isinstance(raw, dict) else raw)
+        _launch(argv, args, cfg)  # a bad config is refused once, before any process starts
         args.threads = cfg["threads"]
         import torch
 

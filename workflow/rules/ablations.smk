@@ -20,7 +20,7 @@ rule ablate:
         ENV
     threads: CFG["threads"]
     resources:
-        **res("train"),
+        **res("train", one_node=True),
     params:
         config=RESOLVED,
         settings=settings("ablate", run=str, seed=int),
