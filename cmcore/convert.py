@@ -262,13 +262,15 @@ def adopt_teacher(cfg, data_path, out_path, source, log_path, loss_plot):
     """Make a converted teacher (``cm convert``) this run's teacher: check that it is a denoiser
     with the config's network, then write it to ``out_path``, an empty training log and a loss
     plot that says so."""
-    from cmcore.data import load_prepared, to_model_space
+    from cmcore.data import to_model_space
     from cmcore.evaluation.reports import plot_note
     from cmcore.models import network_config
+    from cmcore.prepared import PreparedFile
     from cmcore.training.checkpoints import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(source)
-    expected = network_config(cfg["network"], to_model_space(load_prepared(data_path)[0][:1]).shape)
+    first = to_model_space(PreparedFile(data_path).rows([0]))  # one row gives the shape
+    expected = network_config(cfg["network"], first.shape)
     if ckpt.get("kind") != "denoiser" or ckpt.get("net") != expected:
         raise CheckpointError(
             f"teacher.pretrained: {source} holds a {ckpt.get('kind')} with network "

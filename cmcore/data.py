@@ -4,14 +4,16 @@
 - ``cifar10``: the official ``cifar-10-python.tar.gz`` at a configured path (50,000 train images).
 - ``mixture``: points from a 2-D Gaussian mixture (cmcore.diffusion.analytic), float32.
 - ``npz``: uint8 NHWC images under key ``arr_0`` (the official evaluators' format, and what
-  ``save_prepared`` writes), class labels under ``labels`` if present (else all 0).
+  cmcore.prepared writes), class labels under ``labels`` if present (else all 0).
 - ``image_folder``: every .png/.jpg/.jpeg/.webp/.bmp file below a folder (sorted paths), center
   cropped to ``resolution`` as ADM's loader does (halve with box filtering while the short side
   is at least twice the target, bicubic resize, center crop). The class of an image is its
   top-level subfolder (ImageNet's train/<wnid>/ layout) or, for a file directly in the folder,
   its name up to the first "_" (the official code's flat n01440764_2708.JPEG layout); labels
   index the sorted class names. ImageNet 64 and LSUN 256 come this way.
-Both keep the first ``max_images`` images if set; everything is held in memory.
+Both keep the first ``max_images`` images if set. ``dataset_rows`` gives a data set as its
+labels and a stream of rows (an image folder is decoded one image at a time) for
+cmcore.prepared, which writes the file training reads row by row.
 """
 
 import os
@@ -22,8 +24,6 @@ import zlib
 
 import numpy as np
 import torch
-
-from cmcore.files import atomic
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -141,10 +141,8 @@ def center_crop(image, resolution):
     return a[top:top + resolution, left:left + resolution]
 
 
-def load_image_folder(path, resolution, max_images=None):
-    """(images uint8 (n, resolution, resolution, 3), labels by subfolder or name prefix)."""
-    from PIL import Image
-
+def image_folder_files(path, resolution, max_images=None):
+    """(files relative to ``path``, labels by subfolder or name prefix) of an image folder."""
     if not path or not os.path.isdir(path):
         raise DataError(f"dataset.path: image folder not found at {path!r}; put the training "
                         "images (in class subfolders, if any) there and set dataset.path")
@@ -157,16 +155,38 @@ def load_image_folder(path, resolution, max_images=None):
     names = [f.split(os.sep)[0] if os.sep in f else f.split("_")[0] if "_" in f else ""
              for f in files]
     classes = {c: i for i, c in enumerate(sorted(set(names)))}
-    labels = np.array([classes[c] for c in names], dtype=np.int64)
-    images = []
+    return files, np.array([classes[c] for c in names], dtype=np.int64)
+
+
+def image_folder_images(path, files, resolution):
+    """Each file center-cropped, one (1, resolution, resolution, 3) uint8 array at a time."""
+    from PIL import Image
+
     for f in files:
         try:
             with Image.open(os.path.join(path, f)) as image:
-                images.append(center_crop(image, resolution))
+                yield center_crop(image, resolution)[None]
         except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated, foreign
             raise DataError(f"dataset.path: {os.path.join(path, f)} is not a readable image "
                             f"({type(e).__name__}: {e}); remove or replace it") from None
-    return np.stack(images), labels
+
+
+def load_image_folder(path, resolution, max_images=None):
+    """(images uint8 (n, resolution, resolution, 3), labels by subfolder or name prefix)."""
+    files, labels = image_folder_files(path, resolution, max_images)
+    return np.concatenate(list(image_folder_images(path, files, resolution))), labels
+
+
+def dataset_rows(cfg, seed=0):
+    """(labels, row shape, dtype, iterable of row arrays) of the data set ``cfg['name']``: an
+    image folder decoded one image at a time, any other data set as one array."""
+    if cfg["name"] == "image_folder":
+        path, resolution = cfg.get("path"), cfg.get("resolution")
+        files, labels = image_folder_files(path, resolution, cfg.get("max_images"))
+        return labels, (resolution, resolution, 3), np.uint8, \
+            image_folder_images(path, files, resolution)
+    x, labels = load_dataset(cfg, seed)
+    return labels, x.shape[1:], x.dtype, [x]
 
 
 def load_dataset(cfg, seed=0):
@@ -186,23 +206,10 @@ def load_dataset(cfg, seed=0):
                     "npz or image_folder")
 
 
-def save_prepared(path, x, labels):
-    """Write the prepared data set as npz (arr_0 = data, labels), atomically."""
-    with atomic(path, ".npz") as tmp:
-        np.savez(tmp, arr_0=x, labels=labels)
-
-
-def load_prepared(path):
-    """(data, labels) from a file written by ``save_prepared``."""
-    if not os.path.isfile(path):
-        raise DataError(f"prepared data {path} is missing; run `cm prepare-data` first")
-    with np.load(path) as f:
-        return f["arr_0"], f["labels"]
-
-
 def to_model_space(x):
-    """uint8 NHWC -> float32 NCHW in [-1, 1]; float points pass through unchanged."""
-    t = torch.from_numpy(np.asarray(x))
+    """uint8 NHWC -> float32 NCHW in [-1, 1]; float points pass through unchanged (a numpy
+    array, or a tensor on its device)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     if t.dtype != torch.uint8:
         return t.float()
     return t.permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -12,8 +12,9 @@ from conftest import TINY
 
 from cmcore import dag
 from cmcore.config import validate
-from cmcore.data import load_dataset, save_prepared
+from cmcore.data import load_dataset
 from cmcore.experiments import ablations
+from cmcore.prepared import save_prepared
 from cmcore.training.checkpoints import load_checkpoint
 from cmcore.training.loop import train
 

@@ -33,7 +33,7 @@ def test_resume_identity_is_the_training_settings():
 
     cfg = validate(copy.deepcopy(TINY))
     for method in ("teacher", "cd", "pd", "untrained"):
-        identity = run_identity(cfg, method, data=None)
+        identity = run_identity(cfg, method, data_sha256=None)
         assert identity["config"] == dag.settings(cfg, "train", method=method)
 
 

@@ -19,12 +19,13 @@ from conftest import ROOT, cm, run
 
 from cmcore import cli
 from cmcore.config import ConfigError, load
-from cmcore.data import load_dataset, save_prepared
+from cmcore.data import load_dataset
 from cmcore.diffusion.rng import Draws, step_seed
 from cmcore.diffusion.solvers import get_solver
 from cmcore.methods import continuous, ect, ict, objectives
 from cmcore.methods.distances import l2
 from cmcore.models import make_model
+from cmcore.prepared import save_prepared
 from cmcore.training.checkpoints import Preempted, load_checkpoint
 from cmcore.training.loop import train
 

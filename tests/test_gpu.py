@@ -16,7 +16,8 @@ import torch
 from conftest import TINY
 
 from cmcore.config import validate
-from cmcore.data import load_dataset, save_prepared
+from cmcore.data import load_dataset
+from cmcore.prepared import save_prepared
 from cmcore.training import loop
 from cmcore.training.checkpoints import load_checkpoint
 from cmcore.training.loop import train

@@ -12,7 +12,7 @@ FLOORS = {
     "": 0, "config": 0, "config_rules": 0,        # config: loading, validation, its rules
     "dag": 0, "threads": 0, "files": 0,           # the DAG's torch-free helpers, threads, writes
     "diffusion": 1,                               # the paper's maths
-    "networks": 2, "data": 2,                     # backbones; data sets (data uses analytic)
+    "networks": 2, "data": 2, "prepared": 2,      # backbones; data sets; the prepared file
     "methods": 3,                                 # what is trained
     "models": 4, "training": 4,                   # models from configs/checkpoints; the loop
     "sampling": 5, "evaluation": 5,               # how a model is used and scored

@@ -15,8 +15,9 @@ import yaml
 from conftest import ROOT, cm
 
 from cmcore.config import load
-from cmcore.data import load_dataset, save_prepared
+from cmcore.data import load_dataset
 from cmcore.methods import objectives
+from cmcore.prepared import save_prepared
 from cmcore.training.checkpoints import CheckpointError, Preempted, load_checkpoint
 from cmcore.training.loop import train
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cmcore.config import validate
-from cmcore.data import load_dataset, save_prepared
+from cmcore.data import load_dataset
 from cmcore.diffusion.analytic import ring_mixture
 from cmcore.models import model_from_checkpoint
+from cmcore.prepared import save_prepared
 from cmcore.sampling.samplers import consistency_sample
 from cmcore.training.checkpoints import CheckpointError, load_checkpoint
 from cmcore.training.loop import train

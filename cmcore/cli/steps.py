@@ -17,19 +17,20 @@ from cmcore.training.checkpoints import CheckpointError
 
 
 def cmd_prepare_data(args, cfg):
-    from cmcore.data import load_dataset, save_prepared
+    from cmcore.data import dataset_rows
+    from cmcore.prepared import write_prepared
 
     cfg = dag.settings(cfg, "prepare-data")
     if args.dry_run:
         return f"would load data set {cfg['dataset']['name']!r} and write {args.out}"
-    x, labels = load_dataset(cfg["dataset"], cfg["seed"])
-    save_prepared(args.out, x, labels)
-    return f"wrote {args.out}: {x.shape[0]} items of shape {tuple(x.shape[1:])}"
+    labels, row_shape, dtype, rows = dataset_rows(cfg["dataset"], cfg["seed"])
+    write_prepared(args.out, labels, row_shape, dtype, rows)
+    return f"wrote {args.out}: {len(labels)} items of shape {tuple(row_shape)}"
 
 
 def cmd_train_classifier(args, cfg):
-    from cmcore.data import load_prepared
     from cmcore.evaluation.classifier import save_classifier, train_classifier
+    from cmcore.prepared import load_prepared
 
     cfg = dag.settings(cfg, "train-classifier")
     images, labels = load_prepared(args.data)
@@ -65,6 +66,7 @@ def cmd_train(args, cfg):
     pretrained = cfg["teacher"]["pretrained"] if args.method == "teacher" else None
     section = dag.section(args.method)
     ckpt_every = cfg[section]["ckpt_every"] if section in cfg else 0
+    workers = cfg["resources"]["train"]["data_workers"]
     cfg = dag.settings(cfg, "train", method=args.method)
     _check_teacher(args, args.method, f"method {args.method}")
     if not os.path.isfile(args.data):
@@ -82,7 +84,7 @@ def cmd_train(args, cfg):
         return f"wrote {args.out}: the pretrained teacher {pretrained}"
     untrained = args.method == "untrained"
     train(cfg, args.method, args.data, args.out, args.teacher,
-          log_path=None if untrained else log_path, ckpt_every=ckpt_every)
+          log_path=None if untrained else log_path, ckpt_every=ckpt_every, workers=workers)
     if not untrained and World.from_env().is_main:  # rank 0 wrote the log
         plot_train_log(log_path, loss_plot)
     return f"wrote {args.out}"
@@ -128,9 +130,9 @@ def _metrics_of(args, cfg, reference_path, batch=None):
     """(metrics(images, fid_only=False) -> compute_metrics's dict, extractor weights) against the
     reference; with ``batch`` (a published ReferenceBatch) FID against its statistics and
     precision/recall against its images, if it has them."""
-    from cmcore.data import load_prepared
     from cmcore.evaluation.metrics import compute_metrics
     from cmcore.models import pick_device
+    from cmcore.prepared import load_prepared
 
     ev = cfg["evaluation"]
     weights = args.classifier if ev["feature_extractor"] == "classifier" else \
@@ -250,11 +252,12 @@ def cmd_search_tau(args, cfg):
 def cmd_edit(args, cfg):
     import torch
 
-    from cmcore.data import load_prepared, to_model_space, to_uint8
+    from cmcore.data import to_model_space, to_uint8
     from cmcore.diffusion.precond import one_hot
     from cmcore.evaluation.reports import save_grid
     from cmcore.experiments.edit_demos import demo
     from cmcore.models import model_from_checkpoint
+    from cmcore.prepared import load_prepared
     from cmcore.training.checkpoints import load_checkpoint
 
     cfg = dag.settings(cfg, "edit")

@@ -16,7 +16,7 @@ evaluated twice, that means starting both evaluations from one generator state.
 
 API:
     step_seed(*key) -> int                  a 63-bit seed for a key (run seed, stage, step, ...)
-    Draws(seed, size, rows)                 a step's draws (Draws(): torch's own generators)
+    Draws(seed, size, rows, step)           a step's draws (Draws(): torch's own generators)
     same_randomness(device, *fns) -> list   run each fn() from the same RNG state
 """
 
@@ -38,10 +38,12 @@ class Draws:
     order (the j-th call of a step is the same draw for every process and micro-batch). Without
     ``seed``, torch's default generators; without ``size``, draws at the requested size (a
     library call outside training: ``Draws()`` is then torch's own randn, rand, ...).
+    ``step``: the training step's key (run seed, stage, k), which names its data
+    (cmcore.training.batches).
     """
 
-    def __init__(self, seed=None, size=None, rows=None):
-        self.seed, self.size = seed, size
+    def __init__(self, seed=None, size=None, rows=None, step=None):
+        self.seed, self.size, self.step = seed, size, step
         self.rows = slice(0, size) if rows is None and size is not None else rows
         self.generators = {}
 

@@ -120,12 +120,12 @@ def fingerprint(value):
     return h.hexdigest()
 
 
-def run_identity(cfg, method, data, teacher=None):
+def run_identity(cfg, method, data_sha256, teacher=None):
     """What a resume file must match: the method, the settings that shape the run (the view
     cmcore.dag.settings gives the DAG's train step, so the two cannot drift apart) and the
-    content of the data and of the teacher."""
+    content of the data (cmcore.prepared.PreparedFile.fingerprint) and of the teacher."""
     return {"method": method, "config": dag.settings(cfg, "train", method=method),
-            "data_sha256": fingerprint(data), "teacher_sha256": fingerprint(teacher)}
+            "data_sha256": data_sha256, "teacher_sha256": fingerprint(teacher)}
 
 
 class ResumeFile:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cmcore import dag
 from cmcore.config import code_version
-from cmcore.data import load_prepared, to_model_space
+from cmcore.data import to_model_space
 from cmcore.diffusion import schedules
 from cmcore.diffusion.precond import one_hot
 from cmcore.diffusion.rng import Draws, step_seed
@@ -54,7 +54,9 @@ from cmcore.models import (
     pick_device,
 )
 from cmcore.networks import set_dropout
+from cmcore.prepared import PreparedFile
 from cmcore.training import fast
+from cmcore.training.batches import Batches
 from cmcore.training.checkpoints import (
     FORMAT,
     ResumeFile,
@@ -171,9 +173,9 @@ class TrainStep:
         opt, M = self.opt, len(self.rows)
         self.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(step_seed(self.seed, self.label, k, self.world.rank))  # dropout
-        seed, total = step_seed(self.seed, self.label, k), 0.0
+        key, total = (self.seed, self.label, k), 0.0
         for m, rows in enumerate(self.rows):
-            rng = Draws(seed, opt["batch"], rows)
+            rng = Draws(step_seed(*key), opt["batch"], rows, step=key)
             # DDP averages the accumulated gradients once, after the last micro-batch.
             no_sync = getattr(self.net, "no_sync", None)
             with contextlib.nullcontext() if m == M - 1 or no_sync is None else no_sync():
@@ -305,7 +307,7 @@ class Run:
 
 
 def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ckpt_every=0,
-          echo=print):
+          echo=print, workers=0):
     """Train ``method`` on the prepared data and write its checkpoint to ``out_path`` and its
     CSV log to ``log_path`` (default: train_log.csv beside the checkpoint; none for the
     untrained baseline, which takes no step). ``cfg`` needs the keys of
@@ -316,8 +318,9 @@ def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ck
     foreign, stale or unreadable one is a CheckpointError saying to delete it) and deletes it
     once ``out_path`` is written. SIGTERM/SIGUSR1/SIGINT raise Preempted after saving it
     (exit status 128 + signal number when uncaught). Under torchrun: data parallel over the
-    ranks, the config's batch being global (a ValueError unless divisible by the world size); rank 0
-    writes the files, every rank returns the payload.
+    ranks, the config's batch being global (a ValueError unless divisible by the world size);
+    rank 0 writes the files, every rank returns the payload. The data are read from
+    ``data_path`` by rows, ``workers`` DataLoader processes ahead (cmcore.training.batches).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -339,7 +342,7 @@ def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ck
         with lock, torch.random.fork_rng(devices=cuda):
             torch.manual_seed(cfg["seed"])
             return _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
-                          echo, world, device)
+                          echo, world, device, workers)
     finally:
         world.close()
 
@@ -369,37 +372,39 @@ def check_labels(labels, label_dim):
 
 
 def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every, echo, world,
-           device):
-    data, labels = load_prepared(data_path)
-    x_all = to_model_space(data).to(device)
-    net_cfg = network_config(cfg["network"], x_all.shape)
+           device, workers):
+    data = PreparedFile(data_path)  # read by rows: the data set never sits in memory
+    net_cfg = network_config(cfg["network"], to_model_space(data.rows([0])).shape)
     own = cfg.get(dag.section(method), {})  # None (untrained): no section
     if "dropout" in own and "dropout" in net_cfg:  # the method's own dropout (paper configs)
         net_cfg["dropout"] = own["dropout"]
     label_dim = net_cfg.get("label_dim", 0)
     if label_dim:  # class-conditional: every step's networks see the drawn points' labels
-        check_labels(labels, label_dim)
-        y_all = torch.as_tensor(labels, device=device)
+        check_labels(data.all_labels(), label_dim)
     diff = cfg["diffusion"]
     grid = dict(eps=diff["sigma_min"], T=diff["sigma_max"], rho=diff["rho"])
     teacher = None
     if method in dag.NEEDS_TEACHER:
         teacher = model_from_checkpoint(_teacher_checkpoint(teacher_path, method, net_cfg))
         teacher = teacher.to(device)
-    identity = run_identity(cfg, method, data, None if teacher is None else teacher.state_dict())
+    identity = run_identity(cfg, method, data.fingerprint(),
+                            None if teacher is None else teacher.state_dict())
     teacher = None if teacher is None else for_training(teacher, device)
     resume = (ResumeFile if world.is_main else _FollowerResume)(out_path, identity, ckpt_every)
     start = resume.load()
     if not world.is_main:
         echo = lambda line: None  # noqa: E731
 
+    cuda = torch.device(device).type == "cuda"
+    rows = Batches(data_path, world.rank, world.size, cfg["dataset"]["xflip"], workers, cuda)
+
     def batch(rng):  # the data points of this micro-batch's rows of the global batch
-        i = rng.randint(x_all.shape[0], rng.n, device)
-        x = x_all[i]
-        if cfg["dataset"]["xflip"]:
-            flip = rng.rand(rng.n, device) < 0.5
-            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-        return (x, one_hot(y_all[i], label_dim)) if label_dim else x
+        x, y, flip = rows(rng)
+        x = to_model_space(x.to(device, non_blocking=True))
+        if flip is not None:
+            flip = flip.to(device, non_blocking=True).view(-1, *[1] * (x.ndim - 1))
+            x = torch.where(flip, x.flip(-1), x)
+        return (x, one_hot(y.to(device, non_blocking=True), label_dim)) if label_dim else x
 
     if world.is_main:
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)

@@ -66,7 +66,8 @@ def res(kind, one_node=False):
     """Resources of one kind of step (gpu, mem_mb, runtime, nodes) from the config. A training
     job on several nodes also asks Slurm for one task per node and runs its command once
     (mpi: cm train's own srun starts a torchrun on each node); ``one_node``: that kind's
-    resources on one node, its GPUs those of one node (the ablation runs, one process)."""
+    resources on one node, its GPUs those of one node (the ablation runs, one process).
+    """
     r = dict(CFG["resources"][kind])
     if one_node:
         r.update(gpu=r["gpu"] // r["nodes"], nodes=1)
