@@ -1,7 +1,8 @@
 """Micro-batches (``batch_gpu``, cmcore.training.loop.TrainStep): every method's gradient over
-one pass of the batch equals the gradient accumulated over any split of it, because each piece
-draws its rows of the one-pass random numbers (cmcore.diffusion.rng.Draws); a batch_gpu that
-does not divide a rank's rows is one line, at config time and at train time."""
+one pass of the batch equals the gradient accumulated over any split of it, and the mean of the
+ranks' gradients (what DDP averages) for 2 or 4 ranks, because each piece draws its rows of the
+one-pass random numbers (cmcore.diffusion.rng.Draws); a batch_gpu that does not divide a rank's
+rows is one line, at config time and at train time."""
 
 import copy
 
@@ -33,8 +34,9 @@ OPTS = {
 GRID = dict(eps=0.002, T=80.0, rho=7.0)
 
 
-def gradient(method, batch_gpu, k=3):
-    """grad L of step k over the batch of B, in pieces of ``batch_gpu`` rows (None: one)."""
+def gradient(method, batch_gpu, k=3, world=None):
+    """grad L of step k over the batch of B, in pieces of ``batch_gpu`` rows (None: one), of
+    rank ``world.rank``'s rows when a World is given."""
     torch.manual_seed(0)
     net = {"arch": "mlp", "in_channels": 2, "hidden": 16, "depth": 2, "label_dim": K}
     diffusion = {"sigma_data": 0.5, "sigma_min": 0.002}
@@ -64,7 +66,7 @@ def gradient(method, batch_gpu, k=3):
         context = registry.Context(model, target if spec.target else None, teacher, batch,
                                    GRID, get_distance("l2"), 0.5)
         loss_fn = spec.build(opt, context)
-    step = TrainStep(model, loss_fn, opt, seed=7, label=method)
+    step = TrainStep(model, loss_fn, opt, world=world, seed=7, label=method)
     loss, _ = step.gradient(k)
     return loss, [p.grad.clone() for p in model.parameters()]
 
@@ -80,6 +82,19 @@ def test_any_split_of_the_batch_gives_the_same_gradient(method):
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
     _, other = gradient(method, None, k=4)  # another step draws other numbers
     assert not all(torch.equal(a, b) for a, b in zip(other, ref, strict=True))
+
+
+@pytest.mark.parametrize("method", sorted(OPTS))
+def test_the_mean_of_rank_gradients_is_the_one_process_gradient(method):
+    """What DDP averages (each rank's gradient over its rows, itself in micro-batches) is the
+    gradient of one process over the whole batch: draws do not depend on the world size."""
+    loss, ref = gradient(method, None)
+    for P, batch_gpu in ((2, None), (2, 2), (4, None)):
+        ranks = [gradient(method, batch_gpu, world=World(P, r)) for r in range(P)]
+        torch.testing.assert_close(sum(r[0] for r in ranks) / P, loss, rtol=1e-5, atol=1e-7)
+        for i, want in enumerate(ref):
+            mean = sum(r[1][i] for r in ranks) / P
+            torch.testing.assert_close(mean, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_batch_gpu_that_does_not_divide_is_one_line():
