@@ -16,9 +16,9 @@ import re
 # What each training method is: a denoiser D or a consistency function f (Sec. 3), and whether
 # it starts from the teacher. ``untrained`` is the random initialisation of a consistency model.
 PAPER_METHODS = ("teacher", "cd", "ct", "pd", "untrained")
-EXTRA_METHODS = ("ict", "ect", "cd_cont", "ct_cont")
+EXTRA_METHODS = ("ict", "ect", "cd_cont", "ct_cont", "sct", "scd")
 METHODS = PAPER_METHODS + EXTRA_METHODS
-NEEDS_TEACHER = ("cd", "pd", "ect", "cd_cont")
+NEEDS_TEACHER = ("cd", "pd", "ect", "cd_cont", "scd")
 DENOISERS = ("teacher", "pd")  # every other method trains a consistency function
 
 # Every trained model depends on these, besides its method's own section.

@@ -1,5 +1,6 @@
 """A model from a config or a checkpoint: the backbone F_theta of ``cmcore.networks`` wrapped
-into a denoiser D (EDM preconditioning) or a consistency function f (``cmcore.diffusion.precond``).
+into a denoiser D (EDM preconditioning) or a consistency function f (``cmcore.diffusion.precond``;
+sCM's f for kind ``trigflow``).
 
 Training builds fresh models here; sampling, tau search, the ablations, conversion and the CLI
 rebuild trained ones from checkpoints (plain state dicts plus the network's constructor
@@ -8,7 +9,7 @@ arguments) without importing the training loop.
 
 import torch
 
-from cmcore.diffusion.precond import ConsistencyFunction, Denoiser
+from cmcore.diffusion.precond import ConsistencyFunction, Denoiser, TrigFlowConsistency
 from cmcore.networks import build_network
 
 
@@ -39,6 +40,8 @@ def make_model(net_cfg, kind, diffusion):
     F = build_network(net_cfg)
     if kind == "denoiser":
         return Denoiser(F, diffusion["sigma_data"])
+    if kind == "trigflow":  # sCM's consistency function (f(x, 0) = x, EDM's scalings)
+        return TrigFlowConsistency(F, diffusion["sigma_data"])
     return ConsistencyFunction(F, diffusion["sigma_data"], diffusion["sigma_min"])
 
 

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # TINY, for the other tests, leaves out the ablations, Theorem 1, the later recipes, the tau
 # search and the edits.
 FULL = yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text())
-OPTIONAL = ("ablations", "theorem1", "ict", "ect", "cd_cont", "ct_cont", "editing")
+OPTIONAL = ("ablations", "theorem1", "ict", "ect", "cd_cont", "ct_cont", "sct", "scd",
+            "editing")
 TINY = {k: v for k, v in copy.deepcopy(FULL).items() if k not in OPTIONAL}
 del TINY["sampling"]["tau_search"]
 TINY["theorem1"] = {"enabled": False}

@@ -214,7 +214,7 @@ def test_conditional_digits_config_is_the_default_with_labels():
     assert cond["network"].pop("label_dim") == 10 and default["network"].pop("label_dim", 0) == 0
     assert cond["outdir"] != default["outdir"]
     assert not cond["ablations"]["enabled"] and not cond["theorem1"]["enabled"]
-    skip = {"outdir", "ablations", "theorem1", "ict", "ect", "cd_cont", "ct_cont"}
+    skip = {"outdir", "ablations", "theorem1", "ict", "ect", "cd_cont", "ct_cont", "sct", "scd"}
     assert {k: v for k, v in cond.items() if k not in skip} == \
         {k: v for k, v in default.items() if k not in skip}
 

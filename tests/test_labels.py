@@ -11,7 +11,13 @@ import torch
 from conftest import cm, tiny_config
 
 from cmcore.data import load_digits
-from cmcore.diffusion.precond import ConsistencyFunction, Denoiser, conditioned, one_hot
+from cmcore.diffusion.precond import (
+    ConsistencyFunction,
+    Denoiser,
+    TrigFlowConsistency,
+    conditioned,
+    one_hot,
+)
 from cmcore.diffusion.rng import Draws
 from cmcore.evaluation.classifier import label_accuracy
 from cmcore.methods import objectives, registry
@@ -34,11 +40,13 @@ class Spy(torch.nn.Module):
         return self.inner(x, noise_labels, class_labels)
 
 
-def _networks(seen):
-    """(f_theta, f_theta^-, D_phi) around one conditional MLP, each evaluation recorded."""
+def _networks(seen, kind="consistency"):
+    """(f_theta, f_theta^-, D_phi) around one conditional MLP, each evaluation recorded; f is
+    sCM's for ``kind`` trigflow."""
     torch.manual_seed(0)
     mlp = MLP(in_channels=2, hidden=16, depth=1, label_dim=K)
-    f = ConsistencyFunction(Spy(mlp, seen))
+    wrap = TrigFlowConsistency if kind == "trigflow" else ConsistencyFunction
+    f = wrap(Spy(mlp, seen))
     target = ConsistencyFunction(Spy(copy.deepcopy(mlp), seen)).requires_grad_(False)
     teacher = Denoiser(Spy(copy.deepcopy(mlp), seen)).requires_grad_(False)
     return f, target, teacher
@@ -53,13 +61,17 @@ OPTS = {
     "ect": {"batch": 6, "iters": 10, "stages": 2, "q": 2.0, "P_mean": -1.1, "P_std": 2.0},
     "cd_cont": {"batch": 6},
     "ct_cont": {"batch": 6},
+    "sct": {"batch": 6, "P_mean": -1.0, "P_std": 1.4, "tangent_warmup": 4, "tangent_c": 0.1,
+            "adaptive_weight": True},
+    "scd": {"batch": 6, "P_mean": -1.0, "P_std": 1.4, "tangent_warmup": 0, "tangent_c": 0.1,
+            "adaptive_weight": True},
 }
 
 
 @pytest.mark.parametrize("method", sorted(OPTS))
 def test_every_network_of_a_step_sees_the_drawn_labels(method):
     seen = []
-    f, target, teacher = _networks(seen)
+    f, target, teacher = _networks(seen, registry.METHODS[method].kind)
     g = torch.Generator().manual_seed(1)
     drawn = []
 
@@ -74,7 +86,8 @@ def test_every_network_of_a_step_sees_the_drawn_labels(method):
                          dict(eps=0.002, T=80.0, rho=7.0), get_distance("l2"), 0.5)
     loss, _ = spec.build(OPTS[method], c)(3, Draws())
     loss.backward()
-    users = {"teacher": 1, "cd": 3, "ct": 2, "ict": 2, "ect": 2, "cd_cont": 2, "ct_cont": 1}
+    users = {"teacher": 1, "cd": 3, "ct": 2, "ict": 2, "ect": 2, "cd_cont": 2, "ct_cont": 1,
+             "sct": 2, "scd": 3}
     assert len(seen) >= users[method]  # online + target / teacher evaluations
     assert len(drawn) == 1
     for labels in seen:  # every evaluation got the step's labels, row for row

@@ -29,6 +29,10 @@ OPTS = {
     "ect": {"stages": 2, "q": 2.0, "P_mean": -1.1, "P_std": 2.0},
     "cd_cont": {},
     "ct_cont": {},
+    "sct": {"P_mean": -1.0, "P_std": 1.4, "tangent_warmup": 10, "tangent_c": 0.1,
+            "adaptive_weight": True},
+    "scd": {"P_mean": -1.0, "P_std": 1.4, "tangent_warmup": 0, "tangent_c": None,
+            "adaptive_weight": True},
     "pd": {},
 }
 GRID = dict(eps=0.002, T=80.0, rho=7.0)
@@ -40,7 +44,7 @@ def gradient(method, batch_gpu, k=3, world=None):
     torch.manual_seed(0)
     net = {"arch": "mlp", "in_channels": 2, "hidden": 16, "depth": 2, "label_dim": K}
     diffusion = {"sigma_data": 0.5, "sigma_min": 0.002}
-    kind = "denoiser" if method in ("teacher", "pd") else "consistency"
+    kind = "denoiser" if method == "pd" else registry.METHODS[method].kind
     model = make_model(net, kind, diffusion)
     with torch.no_grad():  # no zero-initialised layer: every parameter gets a gradient
         for p in model.parameters():

@@ -64,10 +64,10 @@ def test_tiny_pipeline_end_to_end(tiny_run):
 
 
 def test_tiny_extras_end_to_end(tiny_run):
-    # iCT, ECT, continuous-time CD / CT rows, searched taus and the editing grids.
+    # iCT, ECT, continuous-time CD / CT, sCT / sCD rows, searched taus and the editing grids.
     config, out = tiny_run
     table = pd.read_csv(out / "tables" / "table1_extended.csv")
-    for method in ("ict", "ect", "cd_cont", "ct_cont", "cd", "teacher"):
+    for method in ("ict", "ect", "cd_cont", "ct_cont", "sct", "scd", "cd", "teacher"):
         rows = table[table["method"] == method]
         assert len(rows) == (1 if method == "teacher" else 2), method
         assert rows["fid"].map(math.isfinite).all(), method

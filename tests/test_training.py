@@ -91,17 +91,21 @@ def test_checkpoint_records_how_it_was_made(runs):
 
 EXTRA = {"ict": {"iters": 600, "batch": 256, "lr": 0.001, "s0": 10, "s1": 80, "ema": 0.99},
          "ect": {"iters": 300, "batch": 256, "lr": 0.001, "stages": 6, "ema": 0.99},
-         "cd_cont": {"iters": 300, "batch": 256, "lr": 0.001, "ema": 0.99}}
+         "cd_cont": {"iters": 300, "batch": 256, "lr": 0.001, "ema": 0.99},
+         "sct": {"iters": 600, "batch": 256, "lr": 0.001, "ema": 0.99, "tangent_warmup": 100},
+         "scd": {"iters": 300, "batch": 256, "lr": 0.001, "ema": 0.99, "tangent_warmup": 50}}
 
 
 # Fraction of one-step samples on a mode must clear (the untrained network: < 0.1). Measured
-# here: iCT 0.50, ECT > 0.5, continuous-time CD 0.20 (it learns slowly: 0.32 after 1000 steps).
-ON_MODES = {"ict": 0.4, "ect": 0.5, "cd_cont": 0.15}
+# here: iCT 0.50, ECT > 0.5, continuous-time CD 0.20 (it learns slowly: 0.32 after 1000 steps),
+# sCT 0.45, sCD 0.66.
+ON_MODES = {"ict": 0.4, "ect": 0.5, "cd_cont": 0.15, "sct": 0.3, "scd": 0.4}
 
 
 @pytest.mark.parametrize("method", sorted(EXTRA))
 def test_later_recipes_learn_the_mixture(runs, method):
-    # iCT from scratch, ECT and continuous-time CD from the teacher: one-step samples on modes.
+    # iCT and sCT from scratch, ECT, continuous-time CD and sCD from the teacher: one-step
+    # samples on modes.
     ckpts, tmp = runs
     cfg = validate({**copy.deepcopy(CFG), method: EXTRA[method]})
     out = tmp / method / "checkpoint.pt"

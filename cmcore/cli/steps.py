@@ -228,7 +228,7 @@ def cmd_search_tau(args, cfg):
     ckpt = load_checkpoint(args.checkpoint)
     cfg = dag.settings(cfg, "search-tau", method=ckpt["method"])
     metrics_of, _ = _metrics_of(args, cfg, args.data)
-    if ckpt["kind"] != "consistency":
+    if ckpt["kind"] == "denoiser":
         raise ValueError(f"{args.checkpoint} holds a {ckpt['method']} model; taus are searched "
                          "for consistency models only")
     if args.dry_run:
@@ -262,7 +262,7 @@ def cmd_edit(args, cfg):
 
     cfg = dag.settings(cfg, "edit")
     ckpt = load_checkpoint(args.checkpoint)
-    if ckpt["kind"] != "consistency":
+    if ckpt["kind"] == "denoiser":
         raise ValueError(f"{args.checkpoint} holds a {ckpt['method']} model; editing needs a "
                          "consistency model (editing.method)")
     ed = cfg["editing"]

@@ -75,3 +75,45 @@ class ConsistencyFunction(torch.nn.Module):
         c_noise = t.log().flatten() / 4
         F_x = self.model(c_in * x, c_noise, class_labels=class_labels)
         return c_skip * x + c_out * F_x
+
+
+class TrigFlowConsistency(torch.nn.Module):
+    """f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)), EDM's scalings with f(x, 0) = x:
+    the consistency function of sCM (Lu & Song 2024) in our VE variables.
+
+    In TrigFlow, t = arctan(s / sd) and x_t = cos(t) x (x = x0 + s z on our VE path):
+        f = cos(t) x_t - sin(t) sd F_trig(x_t / sd, t),   F_trig = -F,
+    since c_skip = cos^2 t, c_out = sd sin t and c_in x = x_t / sd. The backbone's output is
+    EDM's F, so a teacher's backbone initialises it as it is. ``forward(x, t, trig=True)``
+    gives (F_trig(x, t), w_phi(t)) (x = x_t / sd, t the TrigFlow time) through this module's
+    forward, which data parallel synchronises: w_phi is sCM's adaptive weighting, a linear map
+    of Fourier features of c_noise, zero at initialisation; sampling never uses it.
+    """
+
+    def __init__(self, model, sigma_data=0.5, features=64):
+        super().__init__()
+        self.model, self.sigma_data = model, sigma_data
+        self.register_buffer("frequencies", 2 * torch.pi * torch.arange(1, features // 2 + 1.0))
+        self.weight = torch.nn.Linear(features, 1)
+        torch.nn.init.zeros_(self.weight.weight)
+        torch.nn.init.zeros_(self.weight.bias)
+
+    def c_noise(self, t):
+        """EDM's ln(s) / 4 at s = sd tan t."""
+        return (self.sigma_data * torch.tan(t)).log() / 4
+
+    def log_weight(self, t):
+        """w_phi(t), (B,)."""
+        phase = self.c_noise(t)[:, None] * self.frequencies
+        return self.weight(torch.cat([phase.cos(), phase.sin()], 1)).squeeze(1)
+
+    def forward(self, x, t, class_labels=None, trig=False):
+        if trig:  # (F_trig(x_t / sd, t) = -F(x_t / sd, c_noise), w_phi(t))
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+            return -self.model(x, self.c_noise(t), class_labels=class_labels), self.log_weight(t)
+        s, sd = _per_sample(t, x), self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (s**2 + sd**2).sqrt()
+        F_x = self.model(c_in * x, s.log().flatten() / 4, class_labels=class_labels)
+        return c_skip * x + c_out * F_x

@@ -10,14 +10,15 @@ import pandas as pd
 from cmcore.files import atomic
 
 METHOD_ORDER = {"teacher": 0, "cd": 1, "ct": 2, "pd": 3, "ict": 4, "ect": 5, "cd_cont": 6,
-                "ct_cont": 7, "untrained": 8}
+                "ct_cont": 7, "sct": 8, "scd": 9, "untrained": 10}
 COLUMNS = ["dataset", "method", "steps", "nfe", "fid", "isc", "isc_std", "precision", "recall",
            "label_accuracy", "labels", "source", "num_samples", "feature_extractor",
            "extractor_accuracy", "reference_set",
            "train_iters", "distance", "sampler", "taus", "seed", "code_version"]
 LABELS = {"teacher": "EDM teacher (Heun)", "cd": "CD", "ct": "CT", "pd": "PD",
           "ict": "iCT (2023)", "ect": "ECT (2024)", "cd_cont": "CD, continuous time",
-          "ct_cont": "CT, continuous time", "untrained": "untrained network"}
+          "ct_cont": "CT, continuous time", "sct": "sCT (2024)", "scd": "sCD (2024)",
+          "untrained": "untrained network"}
 
 
 def gather(paths):

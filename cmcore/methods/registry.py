@@ -15,6 +15,8 @@ the labels of the step's data points (Context.draw).
     ect       easy consistency tuning (Geng et al. 2024) from the teacher, cmcore.methods.ect
     cd_cont   continuous-time CD (N -> infinity, one JVP per step), cmcore.methods.continuous
     ct_cont   continuous-time CT, cmcore.methods.continuous
+    sct, scd  sCM (Lu & Song 2024): TrigFlow, tangent normalisation, adaptive weighting,
+              tangent warm-up; from scratch or distilled from the teacher, cmcore.methods.scm
     untrained the random initialisation of a consistency model (no steps)
 PD is a sequence of fits (cmcore.training.loop), not a single loss. Which methods start from
 the teacher is cmcore.dag.NEEDS_TEACHER (the DAG reads it without torch).
@@ -25,12 +27,12 @@ from dataclasses import dataclass
 from cmcore.diffusion import schedules
 from cmcore.diffusion.precond import conditioned
 from cmcore.diffusion.solvers import get_solver
-from cmcore.methods import continuous, ect, ict, objectives
+from cmcore.methods import continuous, ect, ict, objectives, scm
 
 
 @dataclass(frozen=True)
 class Method:
-    kind: str  # "denoiser" or "consistency"
+    kind: str  # "denoiser", "consistency" or "trigflow" (a consistency model, sCM's f)
     from_teacher: bool  # initialise the backbone from the teacher's (CD, ECT)
     target: bool  # keep an EMA target network theta^-
     build: object = None  # (opt, Context) -> loss_fn
@@ -130,6 +132,24 @@ def _ct_cont(opt, c):
     return loss_fn
 
 
+def _scm(distill):
+    def build(opt, c):
+        def loss_fn(k, rng):
+            x, f, _, D = c.draw(rng)
+            if distill:  # the teacher's PF-ODE in TrigFlow
+                def velocity(x_t, t, x0, z):
+                    return scm.trigflow_velocity(D, x_t, t, c.sigma_data)
+            else:
+                velocity = scm.ct_velocity
+            r = min(1.0, k / opt["tangent_warmup"]) if opt["tangent_warmup"] else 1.0
+            loss = scm.scm_loss(f, x, velocity, r, c.sigma_data, opt["P_mean"], opt["P_std"],
+                                c.grid["eps"], c.grid["T"], opt["tangent_c"],
+                                opt["adaptive_weight"], rng=rng)
+            return loss, {"r": r}
+        return loss_fn
+    return build
+
+
 METHODS = {
     "teacher": Method("denoiser", False, False, _teacher),
     "cd": Method("consistency", True, True, _cd),
@@ -138,5 +158,7 @@ METHODS = {
     "ect": Method("consistency", True, False, _ect),
     "cd_cont": Method("consistency", True, False, _cd_cont),
     "ct_cont": Method("consistency", False, False, _ct_cont),
+    "sct": Method("trigflow", False, False, _scm(distill=False)),
+    "scd": Method("trigflow", True, False, _scm(distill=True)),
     "untrained": Method("consistency", False, False, None),
 }
