@@ -141,9 +141,11 @@ def build_parser():
     p.add_argument("--name", default=None,
                    help="the config's published.NAME entry the file is (its own taus)")
     p = add("bench", cmd_bench, "time every training and sampling step (--out: JSON lines)")
-    p.add_argument("--net", default="embedded", choices=["embedded", "cifar10"])
+    p.add_argument("--net", default="embedded", choices=["embedded", "cifar10", "imagenet64"])
     p.add_argument("--batch", type=_at_least(1), default=None,
-                   help="default: the net's (128 / 512)")
+                   help="default: the net's (128 / 512 / 256)")
+    p.add_argument("--batch-gpu", type=_at_least(1), default=None,
+                   help="training steps in passes of this many rows (default: one pass)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=_at_least(1), default=None,
                    help="timed steps (5 CPU, 20 GPU)")

@@ -327,7 +327,7 @@ def cmd_bench(args, cfg):
                         repeats=args.repeats, warmup=args.warmup, bf16=args.bf16, tf32=args.tf32,
                         compile=args.compile, lpips=args.lpips, classifier=args.classifier,
                         inception=args.inception_weights, reference_edm=args.reference_edm,
-                        only=only, out=args.out)
+                        only=only, out=args.out, batch_gpu=args.batch_gpu)
     timed = sum("img_per_s" in r for r in records)
     return f"wrote {args.out}: {timed} timed figures, {len(records) - timed} other lines"
 

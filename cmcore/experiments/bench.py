@@ -42,7 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmcore import dag
-from cmcore.diffusion.precond import Denoiser
+from cmcore.diffusion.precond import Denoiser, conditioned, one_hot
 from cmcore.diffusion.solvers import edm_sampler
 from cmcore.methods import registry
 from cmcore.methods.objectives import progressive_distillation_loss
@@ -63,6 +63,12 @@ NETS = {
     "cifar10": dict(batch=512, net=dict(
         arch="ddpmpp", img_resolution=32, in_channels=3, model_channels=128,
         channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)),
+    # config/imagenet64.yaml: openai's class-conditional ADM U-Net, 295.9M parameters; each
+    # training step draws class labels with its images.
+    "imagenet64": dict(batch=256, net=dict(
+        arch="adm", img_resolution=64, in_channels=3, label_dim=1000, model_channels=192,
+        channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8],
+        num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True, dropout=0.1)),
 }
 FIGURES = ("teacher_step", "cd_step_l2", "cd_step_lpips", "ct_step", "pd_step", "sample_1step",
            "sample_2step", "sample_heun18", "fid_features")
@@ -138,14 +144,14 @@ class Bench:
     """One benchmark session: the network, the device and the options shared by all figures."""
 
     def __init__(self, cfg, net="embedded", batch=None, device="auto", repeats=None, warmup=None,
-                 bf16=None, tf32=None, compile=False, echo=print, out=None):
+                 bf16=None, tf32=None, compile=False, echo=print, out=None, batch_gpu=None):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
         self.device, self.cuda = torch.device(device), device.startswith("cuda")
         self.net_name, self.net_cfg = net, dict(NETS[net]["net"])
-        self.batch = batch or NETS[net]["batch"]
+        self.batch, self.batch_gpu = batch or NETS[net]["batch"], batch_gpu
         self.repeats = repeats or (20 if self.cuda else 5)
         self.warmup = warmup if warmup is not None else (3 if self.cuda else 1)
         self.bf16, self.tf32 = (self.cuda if v is None else v for v in (bf16, tf32))
@@ -162,6 +168,9 @@ class Bench:
         shape = (self.batch, self.net_cfg["in_channels"]) + (self.net_cfg["img_resolution"],) * 2
         gen = torch.Generator().manual_seed(self.seed)
         self.x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(self.device)
+        label_dim = self.net_cfg.get("label_dim", 0)  # class-conditional: labels i mod K
+        self.y0 = one_hot(torch.arange(self.batch, device=self.device) % label_dim, label_dim) \
+            if label_dim else None
 
     def backbone(self, cls=None):
         """Our SongUNet from net_cfg, or ``cls`` (EDM's SongUNet) with the same arguments."""
@@ -180,8 +189,9 @@ class Bench:
 
     def options(self, method):
         """The method's config section at the bench's batch, precision, tf32 and compile."""
-        return {**self.cfg[method], "batch": self.batch, "tf32": self.tf32,
-                "precision": "bf16" if self.bf16 else "fp32", "compile": self.compile}
+        return {**self.cfg[method], "batch": self.batch, "batch_gpu": self.batch_gpu,
+                "tf32": self.tf32, "precision": "bf16" if self.bf16 else "fp32",
+                "compile": self.compile}
 
     def training(self, method, distance=None, backbone=None):
         """One training step of ``method`` (teacher, cd, ct or pd) as cmcore.training.loop runs
@@ -190,7 +200,8 @@ class Bench:
         opt, sd, teacher, after = self.options(method), self.d["sigma_data"], None, None
 
         def batch(rng):  # training draws the step's data points; here the one random batch
-            return self.x0[rng.rows]
+            x = self.x0[rng.rows]
+            return x if self.y0 is None else (x, self.y0[rng.rows])
 
         if method in dag.NEEDS_TEACHER:
             teacher = self.model("denoiser").eval().requires_grad_(False)
@@ -199,8 +210,11 @@ class Bench:
             model = copy.deepcopy(teacher).train().requires_grad_(True)
 
             def loss_fn(k, rng):
-                return progressive_distillation_loss(model, teacher, batch(rng), steps, sd,
-                                                     **self.grid, rng=rng), {"steps": steps}
+                out = batch(rng)
+                x, y = out if isinstance(out, tuple) else (out, None)
+                return progressive_distillation_loss(
+                    conditioned(model, y), conditioned(teacher, y), x, steps, sd, **self.grid,
+                    rng=rng), {"steps": steps}
             nfe, detail = 3, f"{steps}-step student: 2 teacher DDIM fwd + 1 fwd/bwd"
         else:
             spec = registry.METHODS[method]
@@ -367,7 +381,7 @@ def _figure(b, name, lpips, classifier, inception):
 
 def run_bench(cfg, *, net="embedded", batch=None, device="auto", repeats=None, warmup=None,
               bf16=None, tf32=None, compile=False, lpips=False, classifier=None, inception=None,
-              reference_edm=None, only=None, out=None, echo=print):
+              reference_edm=None, only=None, out=None, echo=print, batch_gpu=None):
     """Time every figure of FIGURES (or ``only``), then the EDM comparison; returns the records.
 
     One JSON line per figure goes to ``echo`` and, when ``out`` is a path, to that .jsonl file.
@@ -377,7 +391,8 @@ def run_bench(cfg, *, net="embedded", batch=None, device="auto", repeats=None, w
     unknown = sorted(set(wanted) - set(FIGURES))
     if unknown or net not in NETS:
         raise ValueError(f"unknown figure(s) {unknown} or net {net!r}; figures: {list(FIGURES)}")
-    b = Bench(cfg, net, batch, device, repeats, warmup, bf16, tf32, compile, echo)
+    b = Bench(cfg, net, batch, device, repeats, warmup, bf16, tf32, compile, echo,
+              batch_gpu=batch_gpu)
     with torch.random.fork_rng(devices=[b.device] if b.cuda else []), \
             open(out, "w") if out else contextlib.nullcontext() as b.out:
         torch.manual_seed(b.seed)  # initialisations and the losses' draws
