@@ -16,7 +16,7 @@ FLOORS = {
     "methods": 3,                                 # what is trained
     "models": 4, "training": 4,                   # models from configs/checkpoints; the loop
     "sampling": 5, "evaluation": 5,               # how a model is used and scored
-    "experiments": 6, "convert": 6,               # the paper's studies; foreign checkpoints
+    "experiments": 6, "convert": 6, "export": 6,  # studies; foreign checkpoints; exports
     "cli": 7, "__main__": 7,                      # the one place the config becomes arguments
 }
 

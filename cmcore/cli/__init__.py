@@ -20,6 +20,7 @@ from cmcore.cli.steps import (
     cmd_convert,
     cmd_edit,
     cmd_evaluate,
+    cmd_export,
     cmd_figure4,
     cmd_prepare_data,
     cmd_sample,
@@ -140,6 +141,9 @@ def build_parser():
                    help="what the --openai file holds: the EDM teacher or a released CD / CT")
     p.add_argument("--name", default=None,
                    help="the config's published.NAME entry the file is (its own taus)")
+    p = add("export", cmd_export, "a checkpoint as safetensors with a model card (--out: folder)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--metrics", nargs="*", default=[], help="JSON files of cm evaluate")
     p = add("bench", cmd_bench, "time every training and sampling step (--out: JSON lines)")
     p.add_argument("--net", default="embedded", choices=["embedded", "cifar10", "imagenet64"])
     p.add_argument("--batch", type=_at_least(1), default=None,

@@ -332,6 +332,21 @@ def cmd_bench(args, cfg):
     return f"wrote {args.out}: {timed} timed figures, {len(records) - timed} other lines"
 
 
+def cmd_export(args, cfg):
+    from cmcore.export import export
+    from cmcore.training.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    metrics = []
+    for path in args.metrics:
+        with open(path) as f:
+            metrics.append(json.load(f))
+    if args.dry_run:
+        return f"would export {args.checkpoint} with {len(metrics)} metrics files -> {args.out}/"
+    export(ckpt, metrics, args.out)
+    return f"wrote {args.out}/: model.safetensors, config.json, README.md"
+
+
 def cmd_convert(args, cfg):
     from cmcore import convert
     from cmcore.training.checkpoints import save_checkpoint
