@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import cm, tiny_config
 
-from cmcore.experiments.bench import FIGURES, NETS, Bench, count_flops, peak_tflops
+from cmcore.experiments.bench import FIGURES, NETS, Bench, peak_tflops
 from cmcore.networks import build_network
+from cmcore.training.compute import count_flops
 
 TIMED = {"teacher_step", "cd_step_l2", "ct_step", "pd_step", "sample_1step", "sample_2step",
          "sample_heun18", "fid_features"}
@@ -26,7 +27,7 @@ def forward_flops(net_cfg, device="meta", batch=1):
         x = torch.zeros(batch, net_cfg["in_channels"], *[net_cfg["img_resolution"]] * 2)
         sigma = torch.ones(batch)
     with torch.no_grad():
-        return count_flops(lambda: net(x, sigma)) / batch
+        return count_flops(lambda: net(x, sigma))[1] / batch
 
 
 def test_bench_embedded_smoke(tmp_path):
@@ -77,7 +78,7 @@ def test_training_step_counts_backward_flops(tmp_path):
 
     b = Bench(config.load(tiny_config(tmp_path)), "embedded", batch=2, device="cpu")
     fwd = forward_flops(b.net_cfg, device="cpu", batch=2) * 2
-    step = count_flops(b.training("teacher").fn)
+    step = count_flops(b.training("teacher").fn)[1]
     assert step == pytest.approx(3 * fwd, rel=0.01)
 
 

@@ -153,6 +153,10 @@ def test_two_processes_train_what_one_trains(setup, method):
         for key in one[weights]:
             torch.testing.assert_close(two[weights][key], one[weights][key], **TOL)
     assert one["step"] == two["step"] == 40
+    # Compute: the same steps, images and FLOPs of the global batch, on two devices.
+    c1, c2 = one["compute"], two["compute"]
+    assert (c2["steps"], c2["images"], c2["devices"]) == (c1["steps"], c1["images"], 2)
+    assert c2["tflop"] == c1["tflop"] > 0
     # Only rank 0 wrote: the checkpoint and one log, its rows printed once; no resume file left.
     folder = setup["out"][2, method].parent
     assert sorted(p.name for p in folder.iterdir()) == [

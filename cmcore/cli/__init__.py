@@ -113,6 +113,7 @@ def build_parser():
     p = add("table", cmd_table, "gather metric JSON files into CSV, Markdown and HTML tables")
     tables(p)
     p.add_argument("--paper-md", default=None, help="also ours beside the paper's (Markdown)")
+    p.add_argument("--compute-plot", default=None, help="also FID against training compute (PNG)")
     p.add_argument("--paper-html", default=None, help="... and as HTML")
     p.add_argument("--published", action="store_true",
                    help="released models beside the paper's Table 2 (in --md and --html)")

@@ -190,7 +190,8 @@ def cmd_table(args, cfg):
     df = write_table(args.metrics, args.out, args.md or f"{stem}.md", args.html or f"{stem}.html",
                      args.paper_md, args.paper_html or (args.paper_md and
                                                         os.path.splitext(args.paper_md)[0] +
-                                                        ".html"), published=args.published)
+                                                        ".html"), published=args.published,
+                     compute_png=args.compute_plot)
     return f"wrote {args.out} with {len(df)} rows"
 
 

@@ -14,7 +14,11 @@ METHOD_ORDER = {"teacher": 0, "cd": 1, "ct": 2, "pd": 3, "ict": 4, "ect": 5, "cd
 COLUMNS = ["dataset", "method", "steps", "nfe", "fid", "isc", "isc_std", "precision", "recall",
            "label_accuracy", "labels", "source", "num_samples", "feature_extractor",
            "extractor_accuracy", "reference_set",
-           "train_iters", "distance", "sampler", "taus", "seed", "code_version"]
+           "train_iters", "images", "train_seconds", "devices", "device", "device_hours",
+           "train_tflop", "distance", "sampler", "taus", "seed", "code_version"]
+# The training compute of a row's model (cmcore.training.compute), from its metrics file.
+COMPUTE = {"images": "images", "train_seconds": "seconds", "devices": "devices",
+           "device": "device", "device_hours": "device_hours", "train_tflop": "tflop"}
 LABELS = {"teacher": "EDM teacher (Heun)", "cd": "CD", "ct": "CT", "pd": "PD",
           "ict": "iCT (2023)", "ect": "ECT (2024)", "cd_cont": "CD, continuous time",
           "ct_cont": "CT, continuous time", "sct": "sCT (2024)", "scd": "sCD (2024)",
@@ -29,6 +33,8 @@ def gather(paths):
             m = json.load(f)
         m["isc"], m["isc_std"] = m.pop("isc_mean"), m.get("isc_std")
         m["taus"] = " ".join(f"{t:g}" for t in m.get("taus", [])) or "-"
+        compute = m.get("compute") or {}
+        m.update({column: compute.get(key) for column, key in COMPUTE.items()})
         rows.append({c: m.get(c) for c in COLUMNS})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = df.sort_values(["method", "steps"], key=lambda s: s.map(METHOD_ORDER) if s.name ==
@@ -40,11 +46,22 @@ def markdown(df):
     """A readable Markdown table: the headline columns, numbers rounded, provenance below."""
     view = df.assign(method=df["method"].map(LABELS).fillna(df["method"]))
     conditional = bool(df["label_accuracy"].notna().any())
+    compute = bool(df["images"].notna().any())
     view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall"]
-                + ["label_accuracy"] * conditional + ["distance", "taus", "train_iters"]]
+                + ["label_accuracy"] * conditional + ["distance", "taus", "train_iters"]
+                + ["images", "device_hours", "train_tflop"] * compute]
+    if compute:  # counts as integers, hours and TFLOP to 3 digits, '-' where not recorded
+        view = view.assign(**{
+            c: view[c].map(lambda v, f=f: "-" if pd.isna(v) else f(v))
+            for c, f in (("images", lambda v: f"{int(v):,}"), ("device_hours", "{:.3g}".format),
+                         ("train_tflop", "{:.3g}".format))})
     table = view.to_markdown(index=False, floatfmt=".3f")
     first = df.iloc[0]
     notes = [
+        "Compute: the training of the row's own model (images seen, device-hours, TFLOP counted "
+        f"over a step by torch's FlopCounterMode, on {_devices(df)}); CD, PD, ECT and sCD also "
+        "used the teacher's (its row); '-': not recorded (trained before it was)."
+    ] * compute + [
         "Class-conditional samples: label_accuracy is the fraction the feature extractor "
         f"classifies as the requested class ({first['labels']} labels; chance is 1 / classes)."
     ] * conditional + [
@@ -56,6 +73,36 @@ def markdown(df):
         f"Seed {first['seed']}; code version {first['code_version']}.",
     ]
     return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def _devices(df):
+    names = sorted({f"{int(n)} x {d}" for n, d in zip(df["devices"], df["device"], strict=True)
+                    if pd.notna(d)})
+    return ", ".join(names) or "-"
+
+
+def write_compute_plot(df, png_path):
+    """FID of each method's 1- and 2-step samples against its training TFLOP (log axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = df[df["train_tflop"].notna() & df["steps"].isin([1, 2])]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for steps, marker in ((1, "o"), (2, "s")):
+        part = rows[rows["steps"] == steps]
+        ax.scatter(part["train_tflop"], part["fid"], marker=marker, label=f"{steps} step(s)")
+        for r in part.itertuples():
+            ax.annotate(LABELS.get(r.method, r.method), (r.train_tflop, r.fid), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set(xscale="log", yscale="log", xlabel="training compute (TFLOP, own model)",
+           ylabel="FID", title="FID against training compute")
+    ax.legend()
+    fig.tight_layout()
+    with atomic(png_path, ".png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 # Song et al. (2023), Table 1 (CIFAR-10, FID / IS); PD as re-run by the authors with the same
@@ -157,12 +204,15 @@ def markdown_published(df):
 
 
 def write_table(paths, csv_path, md_path, html_path, paper_md=None, paper_html=None,
-                published=False):
+                published=False, compute_png=None):
     """Table 1 of the metric files ``paths``: CSV, Markdown and HTML, and, when ``paper_md`` /
     ``paper_html`` are given, our rows beside the paper's CIFAR-10 numbers. ``published``:
-    the released models beside the paper's Table 2 instead."""
+    the released models beside the paper's Table 2 instead. ``compute_png``: FID against
+    training compute."""
     df = gather(paths)
     _write_csv(df, csv_path)
+    if compute_png:
+        write_compute_plot(df, compute_png)
     if published:
         write_markdown(markdown_published(df), md_path, html_path,
                        "Released consistency models beside the paper's Table 2")

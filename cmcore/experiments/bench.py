@@ -39,7 +39,6 @@ import time
 from typing import NamedTuple
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from cmcore import dag
 from cmcore.diffusion.precond import Denoiser, conditioned, one_hot
@@ -50,6 +49,7 @@ from cmcore.models import for_training, make_model
 from cmcore.networks import ARCHS, build_network
 from cmcore.sampling.samplers import consistency_sample
 from cmcore.training import fast
+from cmcore.training.compute import count_flops
 from cmcore.training.loop import TrainStep, target_update
 
 # Backbone arguments and default batch of each named benchmark network (arch "ddpmpp").
@@ -96,13 +96,6 @@ class Figure(NamedTuple):
 def peak_tflops(device_name, precision):
     """Dense peak TFLOP/s of a known GPU at precision 'bf16', 'tf32' or 'fp32'; else None."""
     return next((p.get(precision) for k, p in PEAK_TFLOPS if k in (device_name or "")), None)
-
-
-def count_flops(fn):
-    """FLOPs (2 per multiply-add) that one call of ``fn`` dispatches, forward and backward."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def time_steps(fns, repeats, warmup, sync):
@@ -274,7 +267,7 @@ class Bench:
         ``during`` contexts; emit one record each."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        flops = [count_flops(fig.fn) for fig in figures]
+        flops = [count_flops(fig.fn)[1] for fig in figures]
         with contextlib.ExitStack() as stack:
             for fig in figures:
                 stack.enter_context(fig.during())

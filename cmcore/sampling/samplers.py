@@ -166,7 +166,8 @@ def sample_checkpoint(ckpt, steps, num_samples, batch, seed, device, taus=(), la
     conditional = ys[0] is not None
     meta = {"method": method, "steps": steps, "nfe": nfe, "sampler": sampler, "taus": taus,
             "num_samples": num_samples, "seed": seed, "labels": labels if conditional else "-",
-            "train_iters": ckpt.get("train_iters"), "distance": training_distance(ckpt)}
+            "train_iters": ckpt.get("train_iters"), "distance": training_distance(ckpt),
+            "compute": ckpt.get("compute")}
     samples = np.concatenate(chunks)
     if samples.min() == samples.max():
         raise ValueError(f"all {len(samples)} samples are the same single value "

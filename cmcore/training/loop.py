@@ -65,6 +65,7 @@ from cmcore.training.checkpoints import (
     run_identity,
     save_checkpoint,
 )
+from cmcore.training.compute import Meter
 from cmcore.training.distributed import World
 
 METHODS = (*registry.METHODS, "pd")
@@ -217,7 +218,7 @@ def target_update(target, model):
 
 
 def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=None,
-        start=None, world=None, seed=0, net=None):
+        start=None, world=None, seed=0, net=None, meter=None):
     """Run ``opt['iters']`` steps of loss_fn(k, rng) -> (loss, stats); return (ema, optimizer,
     snapshots), the last holding the EMA's state every ``opt['snapshot_every']`` steps.
 
@@ -229,7 +230,8 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     row or save, before either is written, so the resume file keeps the last good state.
     ``world`` (cmcore.training.distributed.World), ``seed``, ``label`` and ``net``: TrainStep
     (the step's random numbers and micro-batches); logged losses are global means; a stop
-    signal stops all.
+    signal stops all. ``meter`` (cmcore.training.compute.Meter) counts the first step's FLOPs
+    and adds the fit's steps, images and wall time.
     ``opt``'s precision, tf32, fused and compile: cmcore.training.fast (module docstring).
     """
     world = world or World()
@@ -253,6 +255,10 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
                  disable=None if world.is_main else True)
     t_loop = time.time()
     with fast.tf32(opt, device), fast.compiled(model, opt):
+        if meter is not None:
+            if k0 < K:  # the FLOPs of a step: a gradient pass of step k0, thrown away
+                meter.count(lambda: step.gradient(k0), not opt.get("compile"))
+            meter.start(start["seconds"] if start else 0.0)
         for k in steps:
             loss, stats, lr = step(k)
             first_bad = torch.where((first_bad == 0) & ~loss.detach().isfinite(), k + 1,
@@ -279,19 +285,23 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
                 resume.save({"label": label, "k": k + 1, "model": model.state_dict(),
                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                              "log": list(log.rows), "snapshots": dict(snapshots),
+                             "meter": None if meter is None else meter.state(),
                              "seconds": round(time.time() - t0, 2)})
                 if stop is not None:
                     resume.stop = resume.stop or stop  # the signal another rank received
                     world.barrier()  # rank 0 wrote the resume file before any rank exits
                     raise resume.preempted()
+    if meter is not None:
+        meter.stop(K, opt["batch"])
     return ema, optimizer, snapshots
 
 
 @dataclass
 class Run:
     """What the training of one method shares: the config view, teacher D (or None),
-    batch(n), the Karras grid, the CSV log, the echo function, the network settings, the
-    device, the resume file and the state it holds (or None), the process group."""
+    batch(rng), the Karras grid, the CSV log, the echo function, the network settings, the
+    device, the resume file and the state it holds (or None), the process group, the compute
+    meter."""
 
     cfg: dict
     teacher: object
@@ -304,6 +314,7 @@ class Run:
     resume: object
     start: object
     world: object
+    meter: object
 
 
 def train(cfg, method, data_path, out_path, teacher_path=None, log_path=None, ckpt_every=0,
@@ -414,7 +425,10 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
     payload = {"format": FORMAT, "method": method, "net": net_cfg,
                "config": dag.settings(cfg, "train", method=method),
                "seed": cfg["seed"], "code_version": code_version()}
-    run = Run(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world)
+    meter = Meter(world.size, device)
+    if start is not None and start.get("meter"):  # the stages a resumed PD run finished
+        meter.load(start["meter"])
+    run = Run(cfg, teacher, batch, grid, log, echo, net_cfg, device, resume, start, world, meter)
     with resume.catching_signals():
         try:
             if start is not None:
@@ -424,6 +438,7 @@ def _train(cfg, method, data_path, out_path, teacher_path, log_path, ckpt_every,
                 payload.update(_train_pd(run))
             else:
                 payload.update(_train_single(method, run))
+            payload["compute"] = meter.record()
         finally:
             log.close()
         if world.is_main:
@@ -460,7 +475,7 @@ def _train_single(method, run):
     loss_fn = spec.build(opt, context)
     ema, optimizer, snapshots = fit(model, loss_fn, opt, run.log, after, run.echo, label=method,
                                     resume=run.resume, start=run.start, world=run.world,
-                                    seed=run.cfg["seed"], net=net)
+                                    seed=run.cfg["seed"], net=net, meter=run.meter)
     return {"kind": spec.kind, "model": model.state_dict(), "ema": ema.state_dict(),
             "snapshots": snapshots,
             "target": None if target is None else target.state_dict(),
@@ -493,7 +508,7 @@ def _train_pd(run):
         run.resume.extra = lambda steps=steps: {"stage_steps": steps, "stages": dict(stages)}
         ema, _, _ = fit(student, loss_fn, opt, run.log, None, run.echo, label=f"pd{steps}",
                         resume=run.resume, start=start, world=run.world, seed=run.cfg["seed"],
-                        net=net)
+                        net=net, meter=run.meter)
         start = None
         stages[str(steps)] = ema.state_dict()
         current, steps = ema, steps // 2

@@ -16,6 +16,12 @@ rule table_extended:
             category="Table 1",
             labels={"table": "with later recipes"},
         ),
+        plot=report(
+            f"{OUT}/plots/fid_vs_compute.png",
+            caption="../report/fid_vs_compute.rst",
+            category="Table 1",
+            labels={"figure": "FID against training compute"},
+        ),
     log:
         f"{OUT}/logs/table_extended.log",
     benchmark:
@@ -29,7 +35,8 @@ rule table_extended:
         settings=settings("table"),
     shell:
         "cm table --config {params.config:q} --metrics {input.metrics:q} --out {output.csv:q}"
-        " --md {output.md:q} --html {output.html:q} > {log:q} 2>&1"
+        " --md {output.md:q} --html {output.html:q} --compute-plot {output.plot:q}"
+        " > {log:q} 2>&1"
 
 
 rule edit:
