@@ -135,9 +135,11 @@ def test_theorem1_edit_reruns_theorem1_only(edited):
 
 
 @pytest.mark.parametrize("changes", [
-    {"resources": {"train": {"mem_mb": 9999, "runtime": 600}, "light": {"mem_mb": 123}}},
+    {"resources": {"train": {"mem_mb": 9999, "runtime": 600, "data_workers": 2},
+                   "light": {"mem_mb": 123}}},
     {"threads": 2},
     {"cd": {"ckpt_every": 7}},
+    {"cd": {"batch_gpu": 8}},  # micro-batches: the same update up to rounding
 ])
 def test_resources_threads_and_resume_cadence_rerun_nothing(edited, changes):
     write, out = edited
