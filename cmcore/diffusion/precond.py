@@ -77,7 +77,7 @@ class ConsistencyFunction(torch.nn.Module):
         return c_skip * x + c_out * F_x
 
 
-class TrigFlowConsistency(torch.nn.Module):
+class TrigFlowConsistency(Denoiser):
     """f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)), EDM's scalings with f(x, 0) = x:
     the consistency function of sCM (Lu & Song 2024) in our VE variables.
 
@@ -91,8 +91,7 @@ class TrigFlowConsistency(torch.nn.Module):
     """
 
     def __init__(self, model, sigma_data=0.5, features=64):
-        super().__init__()
-        self.model, self.sigma_data = model, sigma_data
+        super().__init__(model, sigma_data)
         self.register_buffer("frequencies", 2 * torch.pi * torch.arange(1, features // 2 + 1.0))
         self.weight = torch.nn.Linear(features, 1)
         torch.nn.init.zeros_(self.weight.weight)
@@ -111,9 +110,4 @@ class TrigFlowConsistency(torch.nn.Module):
         if trig:  # (F_trig(x_t / sd, t) = -F(x_t / sd, c_noise), w_phi(t))
             t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
             return -self.model(x, self.c_noise(t), class_labels=class_labels), self.log_weight(t)
-        s, sd = _per_sample(t, x), self.sigma_data
-        c_skip = sd**2 / (s**2 + sd**2)
-        c_out = s * sd / (s**2 + sd**2).sqrt()
-        c_in = 1 / (s**2 + sd**2).sqrt()
-        F_x = self.model(c_in * x, s.log().flatten() / 4, class_labels=class_labels)
-        return c_skip * x + c_out * F_x
+        return super().forward(x, t, class_labels)  # EDM's denoiser formula, used as f

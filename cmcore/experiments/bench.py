@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from cmcore import dag
-from cmcore.diffusion.precond import Denoiser, conditioned, one_hot
+from cmcore.diffusion.precond import Denoiser, one_hot
 from cmcore.diffusion.solvers import edm_sampler
 from cmcore.methods import registry
 from cmcore.methods.objectives import progressive_distillation_loss
@@ -202,12 +202,12 @@ class Bench:
             steps = opt["start_steps"] // 2
             model = copy.deepcopy(teacher).train().requires_grad_(True)
 
-            def loss_fn(k, rng):
-                out = batch(rng)
-                x, y = out if isinstance(out, tuple) else (out, None)
-                return progressive_distillation_loss(
-                    conditioned(model, y), conditioned(teacher, y), x, steps, sd, **self.grid,
-                    rng=rng), {"steps": steps}
+            context = registry.Context(model, None, teacher, batch, self.grid, None, sd)
+
+            def loss_fn(k, rng):  # as _train_pd's: the labelled networks from Context.draw
+                x, student, _, D = context.draw(rng)
+                return progressive_distillation_loss(student, D, x, steps, sd, **self.grid,
+                                                     rng=rng), {"steps": steps}
             nfe, detail = 3, f"{steps}-step student: 2 teacher DDIM fwd + 1 fwd/bwd"
         else:
             spec = registry.METHODS[method]

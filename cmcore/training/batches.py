@@ -62,9 +62,9 @@ class Batches:
     def __call__(self, rng):
         """(rows, labels, flips) of this micro-batch (CPU tensors)."""
         seed, stage, k = rng.step
-        if self.item is None or self.item[0] != k or self.key != (seed, stage, rng.size):
-            if self.loader is None or self.key != (seed, stage, rng.size) or \
-                    self.item is None or self.item[0] != k - 1:
+        same_run = self.key == (seed, stage, rng.size) and self.item is not None
+        if not (same_run and self.item[0] == k):  # not this step's rows (micro-batch 2, ...)
+            if not (same_run and self.item[0] == k - 1):  # nor the loader's next step
                 self._start(seed, stage, k, rng.size)
             self.item = next(self.loader)
         _, x, y, flip = self.item

@@ -175,10 +175,11 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(step_seed(self.seed, self.label, k, self.world.rank))  # dropout
         key, total = (self.seed, self.label, k), 0.0
+        seed = step_seed(*key)
+        # DDP averages the accumulated gradients once, after the last micro-batch.
+        no_sync = getattr(self.net, "no_sync", None)
         for m, rows in enumerate(self.rows):
-            rng = Draws(step_seed(*key), opt["batch"], rows, step=key)
-            # DDP averages the accumulated gradients once, after the last micro-batch.
-            no_sync = getattr(self.net, "no_sync", None)
+            rng = Draws(seed, opt["batch"], rows, step=key)
             with contextlib.nullcontext() if m == M - 1 or no_sync is None else no_sync():
                 with fast.autocast(opt, self.device):
                     loss, stats = self.loss_fn(k, rng)
@@ -230,8 +231,8 @@ def fit(model, loss_fn, opt, log, after_step=None, echo=print, label="", resume=
     row or save, before either is written, so the resume file keeps the last good state.
     ``world`` (cmcore.training.distributed.World), ``seed``, ``label`` and ``net``: TrainStep
     (the step's random numbers and micro-batches); logged losses are global means; a stop
-    signal stops all. ``meter`` (cmcore.training.compute.Meter) counts the first step's FLOPs
-    and adds the fit's steps, images and wall time.
+    signal stops all. ``meter`` (cmcore.training.compute.Meter) counts the FLOPs of a
+    thrown-away gradient pass of the first step and adds the fit's steps, images and wall time.
     ``opt``'s precision, tf32, fused and compile: cmcore.training.fast (module docstring).
     """
     world = world or World()
