@@ -8,6 +8,9 @@ Writes into a folder:
     config.json         the same metadata, readable without safetensors
     README.md           the model card: what was trained, on what, how it was scored (the
                         measured FID of each metrics file with its protocol), how to load it
+    diffusers/          for a consistency model on the ADM U-Net: the same weights as a
+                        ConsistencyModelPipeline (cmcore.diffusers_export); other models say
+                        in the card why there is none
 ``load_exported(folder)`` rebuilds the module (cmcore.models) from the folder alone.
 """
 
@@ -15,6 +18,8 @@ import json
 import os
 
 from cmcore.config import code_version
+from cmcore.diffusers_export import export_diffusers, exportable
+from cmcore.diffusion.schedules import karras_grid
 from cmcore.files import atomic
 
 CARD_FIELDS = ("steps", "nfe", "fid", "isc_mean", "precision", "recall", "num_samples",
@@ -36,6 +41,30 @@ def _row(m):
     return "| " + " | ".join(
         f"{values.get(k):.4g}" if isinstance(values.get(k), float) else str(values.get(k, "-"))
         for k in CARD_FIELDS) + " |"
+
+
+def _diffusers_section(ckpt, metrics):
+    """The card's diffusers paragraph: how to load the pipeline, or why there is none."""
+    from cmcore.diffusers_export import GRID_POINTS
+
+    reason = exportable(ckpt)
+    if reason:
+        return ["", "## diffusers", "", f"No diffusers export: {reason}."]
+    d = ckpt["config"]["diffusion"]  # the scheduler's sigmas, largest first
+    grid = karras_grid(GRID_POINTS, d["sigma_min"], d["sigma_max"], d["rho"]).tolist()[::-1]
+    lines = ["", "## diffusers", "", "`diffusers/` holds the same weights as a "
+             "`ConsistencyModelPipeline` (UNet2DModel + CMStochasticIterativeScheduler; "
+             "tests/test_export.py samples both from the same noise and compares):", "",
+             "```python", "from diffusers import ConsistencyModelPipeline",
+             "pipe = ConsistencyModelPipeline.from_pretrained('diffusers')",
+             "x = pipe(batch_size=16, num_inference_steps=1).images  # one step", "```", ""]
+    for m in metrics:
+        for tau in m.get("taus") or []:
+            i = min(range(1, GRID_POINTS), key=lambda i: abs(grid[i] - tau))
+            lines.append(f"Our {m.get('steps')}-step tau = {tau:g} is closest to "
+                         f"`timesteps=[{i}, 0]` (sigma {grid[i]:.4g}) of the scheduler's "
+                         f"{GRID_POINTS}-point grid; `cm sample` takes tau exactly.")
+    return lines
 
 
 def model_card(ckpt, metrics, meta):
@@ -64,7 +93,7 @@ def model_card(ckpt, metrics, meta):
         lines.append("None given (`cm export --metrics` takes the JSON files of cm evaluate).")
     lines += ["", "## Loading", "", "```python", "from cmcore.export import load_exported",
               "f = load_exported('.')  # f(x, t) -> x_eps for a consistency model",
-              "```", "", "Training settings:", "", "```json",
+              "```"] + _diffusers_section(ckpt, metrics) + ["", "Training settings:", "", "```json",
               json.dumps(settings, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
@@ -89,6 +118,8 @@ def export(ckpt, metrics, folder):
                    for k, v in meta.items()}, f, indent=1, sort_keys=True)
     with atomic(os.path.join(folder, "README.md"), ".md") as tmp, open(tmp, "w") as f:
         f.write(model_card(ckpt, metrics, meta))
+    if not exportable(ckpt):
+        export_diffusers(ckpt, os.path.join(folder, "diffusers"))
     return folder
 
 
