@@ -207,6 +207,12 @@ def _files_error(cfg):
     if ev["reference"] and not os.path.isfile(ev["reference"]):
         return (f"evaluation.reference: {ev['reference']!r} not found; get the paper's reference "
                 "batch (ADM's VIRTUAL_*.npz, EDM's fid-refs) or set it to null")
+    for key, source in (
+        ("cleanfid_inception", "inception-2015-12-05.pt (NVIDIA's stylegan2-ada-pytorch metrics)"),
+        ("dinov2_weights", "dinov2_vitl14_pretrain.pth of facebookresearch/dinov2"),
+    ):
+        if ev[key] and not os.path.isfile(ev[key]):
+            return f"evaluation.{key}: {ev[key]!r} not found; get {source} or set it to null"
     if ev["feature_extractor"] == "classifier" and ds["name"] != "digits":
         return "evaluation.feature_extractor: 'classifier' is trained on digits only; use inception"
     c = ev["classifier"]

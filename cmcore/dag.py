@@ -28,6 +28,9 @@ MODEL_KEYS = ("dataset", "seed", "device", "diffusion", "network")
 UNSHAPING = ("ckpt_every", "batch_gpu")
 EXTRACTOR_KEYS = ("evaluation.feature_extractor", "evaluation.inception_weights",
                   "evaluation.prc_neighborhood")
+# The second implementation and FD-DINOv2 of `cm evaluators` (cmcore.evaluation.evaluators).
+PEER_KEYS = ("evaluation.cleanfid_inception", "evaluation.dinov2_weights",
+             "evaluation.dinov2_arch")
 
 
 def pick(cfg, paths):
@@ -106,6 +109,9 @@ def settings(cfg, step, method=None, steps=None, run=None, seed=None):
         return sample_settings(cfg, method, steps, searched)
     if step == "evaluate":
         return pick(cfg, ["device", "dataset.name", "evaluation.reference", *EXTRACTOR_KEYS])
+    if step == "evaluators":
+        return pick(cfg, ["device", "dataset.name", "evaluation.reference", *EXTRACTOR_KEYS,
+                          *PEER_KEYS])
     if step == "search-tau":
         return pick(cfg, ["device", "sampling.steps", "sampling.curve_steps", "sampling.batch",
                           "sampling.tau_search", *label_keys(cfg), *EXTRACTOR_KEYS])

@@ -83,15 +83,20 @@ def test_tiny_extras_end_to_end(tiny_run):
         f"{json.loads((out / 'taus' / 'ict.json').read_text())['taus'][0]:g}"
     for task in ("inpaint", "interpolate"):
         assert (out / "plots" / f"edit_{task}.png").stat().st_size > 1000, task
+    # Table 1's rows scored by torch-fidelity and clean-fid side by side: the same classifier
+    # features, FIDs apart by their square roots of a singular S_g S_r (120 samples of 128-d
+    # features), at most 1e-8 (relative) when measured.
+    evaluators = pd.read_csv(out / "tables" / "evaluators.csv")
+    assert len(evaluators) == 8 and (evaluators["fid_rel_diff"].abs() < 1e-6).all()
 
 
 # ----------------------------------------------------------------------------------------------
 # What an edit reruns: the steps whose settings it changes and what reads their outputs.
 
 
-def planned_jobs(config):
-    """{rule: [outputs of each job]} that a dry run of reproduce_table plans for ``config``."""
-    r = snakemake("reproduce_table", "-n", "--configfile", config)
+def planned_jobs(config, target="reproduce_table"):
+    """{rule: [outputs of each job]} that a dry run of ``target`` plans for ``config``."""
+    r = snakemake(target, "-n", "--configfile", config)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     text = r.stdout + r.stderr
     if "Nothing to be done" in text:
@@ -132,6 +137,14 @@ def test_theorem1_edit_reruns_theorem1_only(edited):
     jobs = planned_jobs(write(theorem1={"N_gap": [8, 32, 64]}))
     assert set(jobs) == {"theorem1", "reproduce_table"}, jobs
     assert len(jobs["theorem1"]) == 1
+
+
+def test_evaluator_keys_rerun_the_evaluator_table_only(edited):
+    write, out = edited
+    changed = write(evaluation={"dinov2_arch": "vit_small_patch14_dinov2"})
+    assert planned_jobs(changed) == {}
+    jobs = planned_jobs(changed, "reproduce_extras")
+    assert set(jobs) == {"evaluators", "reproduce_extras"}, jobs
 
 
 @pytest.mark.parametrize("changes", [

@@ -13,6 +13,7 @@ import sys
 
 from cmcore import config as config_mod
 from cmcore import dag
+from cmcore.cli.evaluators import cmd_evaluators
 from cmcore.cli.steps import (
     cmd_ablate,
     cmd_ablation_report,
@@ -110,6 +111,16 @@ def build_parser():
     p.add_argument("--reference-batch", default=None,
                    help="published reference batch (npz with mu, sigma): FID against it")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
+    p = add("evaluators", cmd_evaluators,
+            "score samples with torch-fidelity and clean-fid side by side (CSV; FD-DINOv2)")
+    p.add_argument("--samples", nargs="+", required=True,
+                   help="npz files of cm sample (sidecars beside)")
+    p.add_argument("--reference", required=True, help="prepared data set (npz)")
+    p.add_argument("--reference-batch", default=None,
+                   help="published reference batch (npz with mu, sigma): FID against it")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
+    p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
+    p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
     p = add("table", cmd_table, "gather metric JSON files into CSV, Markdown and HTML tables")
     tables(p)
     p.add_argument("--paper-md", default=None, help="also ours beside the paper's (Markdown)")

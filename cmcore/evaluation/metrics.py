@@ -4,6 +4,7 @@
     IS        = exp E_x KL(p(y|x) || p(y))                               on logits, in splits
     precision = frac. of generated phi inside the k-NN balls of the reference phi (k = 3)
     recall    = frac. of reference phi inside the k-NN balls of the generated phi
+    KID       = mean over subsets of MMD^2_unbiased(phi_g, phi_r), k(x, y) = (x.y / d + 1)^3
 
 Two feature extractors, both registered with torch-fidelity and chosen by ``extractor``:
 - ``"inception"``: torch-fidelity's ``inception-v3-compat`` (pool 2048 features for FID and
@@ -39,6 +40,7 @@ from cmcore.threads import torch_threads
 
 CLASSIFIER_EXTRACTOR = "cm-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's and clean-fid's defaults
 CONFIG_KEYS = {"classifier": "evaluation.classifier", "inception": "evaluation.inception_weights"}
 INCEPTION_WEIGHTS_HINT = (
     f"get the torch-fidelity release asset {os.path.basename(URL_INCEPTION_V3)} "
@@ -179,7 +181,7 @@ def check_weights(extractor, weights_path):
 
 def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier", weights_path,
                     device="cpu", prc_neighborhood=3, isc_splits=10, batch_size=None, seed=2020,
-                    num_threads=None, fid_only=False, reference_stats=None):
+                    num_threads=None, fid_only=False, reference_stats=None, kid=False):
     """FID(samples, reference), IS(samples), precision and recall in one torch-fidelity call.
 
     ``samples`` is torch-fidelity's input1 (generated) and ``reference`` its input2 (real): IS is
@@ -190,6 +192,8 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
     precision/recall, not computed, are NaN), as the tau search scores its candidates.
     ``reference_stats`` ((mu, sigma) of a published reference batch, cmcore.evaluation.reference):
     FID against them instead of against ``reference``, which precision/recall still use.
+    ``kid``: also KID (against ``reference``; KID_SUBSETS subsets of min(KID_SUBSET_SIZE, n)
+    rows drawn by np.random.RandomState(seed): samples' rows first, then the reference's).
     Returns a plain dict with fid, isc_mean, isc_std, precision, recall, f_score, num_samples,
     num_reference, feature_extractor (name, layers and weights path) and the layer names used.
     """
@@ -229,10 +233,12 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
             out.update(torch_fidelity.calculate_metrics(
                 input1=ImagesU8Dataset(samples_u8_nhwc, channels),
                 input2=ImagesU8Dataset(reference_u8_nhwc, channels),
-                isc=not fid_only, fid=not out, prc=not fid_only, kid=False, ppl=False,
+                isc=not fid_only, fid=not out, prc=not fid_only, kid=kid, ppl=False,
                 feature_extractor=name, feature_extractor_weights_path=os.fspath(weights_path),
                 feature_layer_isc=layers["isc"], feature_layer_fid=layers["fid"],
-                feature_layer_prc=layers["prc"],
+                feature_layer_prc=layers["prc"], feature_layer_kid=layers["fid"],
+                kid_subsets=KID_SUBSETS,
+                kid_subset_size=min(KID_SUBSET_SIZE, num_samples, num_reference),
                 isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, rng_seed=seed,
                 batch_size=batch, cuda=cuda, save_cpu_ram=True, cache=True,
                 cache_root=_process_cache_root(),
@@ -247,6 +253,8 @@ def compute_metrics(samples_u8_nhwc, reference_u8_nhwc, *, extractor="classifier
         precision=float(out.get(torch_fidelity.KEY_METRIC_PRECISION, nan)),
         recall=float(out.get(torch_fidelity.KEY_METRIC_RECALL, nan)),
         f_score=float(out.get(torch_fidelity.KEY_METRIC_F_SCORE, nan)),
+        **({"kid_mean": float(out[torch_fidelity.KEY_METRIC_KID_MEAN]),
+            "kid_std": float(out[torch_fidelity.KEY_METRIC_KID_STD])} if kid else {}),
         num_samples=num_samples, num_reference=num_reference,
         feature_extractor=(f"{name} (fid/prc: {layers['fid']}, isc: {layers['isc']}) "
                            f"weights={os.path.abspath(weights_path)}"),

@@ -132,6 +132,23 @@ def extractor_weights(wildcards):
     )
 
 
+def evaluator_weights(wildcards):
+    """The files of cm evaluators beyond evaluate's: clean-fid's Inception (for the inception
+    extractor; the classifier needs none) and the DINOv2 checkpoint, when configured; a missing
+    clean-fid Inception is an error that names its key (only when this target is asked for).
+    """
+    ev = CFG["evaluation"]
+    if ev["feature_extractor"] == "inception" and not ev["cleanfid_inception"]:
+        raise ValueError(
+            "evaluators: evaluation.cleanfid_inception is null; set it to clean-fid's"
+            " inception-2015-12-05.pt (config/README.md says where to get it)"
+        )
+    cleanfid = (
+        [ev["cleanfid_inception"]] if ev["feature_extractor"] == "inception" else []
+    )
+    return cleanfid + ([ev["dinov2_weights"]] if ev["dinov2_weights"] else [])
+
+
 def published_metrics(wildcards):
     """The metrics of every released model at every Table 2 step count; none listed: an error
     that says where to list them (only when this target is asked for)."""

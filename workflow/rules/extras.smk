@@ -39,6 +39,46 @@ rule table_extended:
         " > {log:q} 2>&1"
 
 
+# Table 1's samples scored by torch-fidelity and clean-fid side by side (FD-DINOv2 too when
+# evaluation.dinov2_weights is set): the differences between evaluators, measured.
+rule evaluators:
+    input:
+        samples=[f"{OUT}/samples/{m}/steps{n}.npz" for m, n in TABLE1_RUNS],
+        meta=[f"{OUT}/samples/{m}/steps{n}.json" for m, n in TABLE1_RUNS],
+        reference=DATA,
+        reference_batch=reference_batch,
+        extractor=extractor_weights,
+        peers=evaluator_weights,
+    output:
+        csv=f"{OUT}/tables/evaluators.csv",
+        md=f"{OUT}/tables/evaluators.md",
+        html=report(
+            f"{OUT}/tables/evaluators.html",
+            caption="../report/evaluators.rst",
+            category="Table 1",
+            labels={"table": "evaluators side by side"},
+        ),
+    log:
+        f"{OUT}/logs/evaluators.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluators.tsv"
+    conda:
+        ENV
+    threads: CFG["threads"]
+    resources:
+        **res("evaluate"),
+    params:
+        config=RESOLVED,
+        settings=settings("evaluators"),
+        classifier=flag("classifier", "extractor"),
+        batch=flag("reference-batch", "reference_batch"),
+    shell:
+        "cm evaluators --config {params.config:q} --samples {input.samples:q}"
+        " --reference {input.reference:q} {params.batch} {params.classifier}"
+        " --out {output.csv:q} --md {output.md:q} --html {output.html:q} --threads {threads}"
+        " > {log:q} 2>&1"
+
+
 rule edit:
     input:
         checkpoint=f"{OUT}/runs/{CFG['editing']['method']}/checkpoint.pt",
@@ -78,5 +118,6 @@ rule edits:
 rule reproduce_extras:
     input:
         rules.table_extended.output,
+        rules.evaluators.output,
         [f"{OUT}/plots/samples_{m}_{n}step.png" for m, n in EXTRA_RUNS],
         rules.edits.input,
