@@ -82,23 +82,30 @@ def _devices(df):
 
 
 def write_compute_plot(df, png_path):
-    """FID of each method's 1- and 2-step samples against its training TFLOP (log axis)."""
+    """FID of each method's 1- and 2-step samples (joined by a line) against its training TFLOP
+    (log axes), the teacher's multistep FID as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = df[df["train_tflop"].notna() & df["steps"].isin([1, 2])]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for steps, marker in ((1, "o"), (2, "s")):
-        part = rows[rows["steps"] == steps]
-        ax.scatter(part["train_tflop"], part["fid"], marker=marker, label=f"{steps} step(s)")
-        for r in part.itertuples():
-            ax.annotate(LABELS.get(r.method, r.method), (r.train_tflop, r.fid), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set(xscale="log", yscale="log", xlabel="training compute (TFLOP, own model)",
-           ylabel="FID", title="FID against training compute")
-    ax.legend()
+    rows = df[df["train_tflop"].notna() & (df["train_tflop"] > 0)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (method, part) in enumerate(rows.groupby("method", sort=False)):
+        label, color = LABELS.get(method, method), f"C{i % 10}"
+        if method == "teacher":
+            r = part.iloc[0]
+            ax.scatter(r.train_tflop, r.fid, marker="*", s=90, color=color,
+                       label=f"{label}, {r.steps} steps")
+            continue
+        part = part[part["steps"].isin([1, 2])].sort_values("steps")
+        ax.plot(part["train_tflop"], part["fid"], "-", color=color, lw=1, alpha=0.6)
+        for r, marker in zip(part.itertuples(), ("o", "s"), strict=False):
+            ax.scatter(r.train_tflop, r.fid, marker=marker, color=color,
+                       label=label if marker == "o" else None)
+    ax.set(xscale="log", yscale="log", xlabel="training compute of the row's own model (TFLOP)",
+           ylabel="FID", title="FID against training compute (circle: 1 step, square: 2)")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     with atomic(png_path, ".png") as tmp:
         fig.savefig(tmp, dpi=120)
