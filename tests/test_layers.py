@@ -17,6 +17,7 @@ FLOORS = {
     "models": 4, "training": 4,                   # models from configs/checkpoints; the loop
     "sampling": 5, "evaluation": 5,               # how a model is used and scored
     "experiments": 6, "convert": 6, "export": 6,  # studies; foreign checkpoints; exports
+    "diffusers_export": 6,                        # the export's diffusers folder
     "cli": 7, "__main__": 7,                      # the one place the config becomes arguments
 }
 
