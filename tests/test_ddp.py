@@ -290,3 +290,27 @@ def test_sigterm_to_torchrun_then_rerun_equals_one_process(setup, tmp_path):
               f"{max_abs_diff(one[weights], two[weights]):.3g}")
         for key in one[weights]:
             torch.testing.assert_close(two[weights][key], one[weights][key], **TOL)
+
+
+def test_sct_under_torchrun_trains_what_one_process_trains(tmp_path):
+    """sCM under DistributedDataParallel: the JVP of the target through the wrapped model, the
+    adaptive weighting w_phi trained and synchronised beside theta, in micro-batches."""
+    torch.set_num_threads(1)
+    sct = {"iters": 20, "batch": 32, "lr": 0.001, "tangent_warmup": 5, "log_every": 10,
+           "ckpt_every": 20}
+    config, split = tmp_path / "config.yaml", tmp_path / "split.yaml"
+    config.write_text(yaml.safe_dump({**CFG, "sct": sct}))
+    split.write_text(yaml.safe_dump({**CFG, "sct": {**sct, "batch_gpu": 8}}))
+    cfg = load(config)
+    data = tmp_path / "data.npz"
+    save_prepared(str(data), *load_dataset(cfg["dataset"], seed=0))
+    one, two = tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt"
+    train(cfg, "sct", str(data), str(one), echo=lambda s: None)
+    r = torchrun("--method", "sct", "--config", split, "--data", data, "--out", two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(str(one)), load_checkpoint(str(two))
+    assert a["model"]["weight.weight"].abs().sum() > 0  # w_phi trained, and is compared
+    for weights in ("model", "ema"):
+        print(f"sct {weights}: max abs diff {max_abs_diff(a[weights], b[weights]):.3g}")
+        for key in a[weights]:
+            torch.testing.assert_close(b[weights][key], a[weights][key], **TOL)

@@ -82,13 +82,18 @@ class World:
             self.owns_group = False
 
     def wrap(self, model):
-        """``model`` in DistributedDataParallel (gradients averaged over ranks), or itself."""
+        """``model`` in DistributedDataParallel (gradients averaged over ranks), or itself.
+
+        Buffers are not re-broadcast at each forward: ours are constants (resampling filters,
+        Fourier frequencies), equal on every rank from construction, and the broadcast is an
+        in-place copy that torch.func.jvp refuses inside its transform (the continuous-time
+        methods and sCM run the wrapped model under it)."""
         if self.size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if self.cuda else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def mean(self, x):
         """The mean over ranks of a tensor (a loss: the global-batch mean)."""
