@@ -13,7 +13,7 @@ from cmcore.config import validate
 from cmcore.data import load_dataset
 from cmcore.evaluation.reports import gather, markdown, write_table
 from cmcore.prepared import save_prepared
-from cmcore.training import loop
+from cmcore.training import step
 from cmcore.training.compute import count_flops
 from cmcore.training.loop import train
 
@@ -24,13 +24,13 @@ def test_a_run_records_its_compute(tmp_path, monkeypatch):
     save_prepared(data, *load_dataset(cfg["dataset"], seed=0))
     steps = []  # every training step, FLOPs counted independently
 
-    real = loop.TrainStep.__call__
+    real = step.TrainStep.__call__
 
     def counted(self, k):
         out, flops = count_flops(lambda: real(self, k))
         steps.append(flops)
         return out
-    monkeypatch.setattr(loop.TrainStep, "__call__", counted)
+    monkeypatch.setattr(step.TrainStep, "__call__", counted)
     torch.set_num_threads(1)
     payload = train(cfg, "pd", data, str(tmp_path / "pd.pt"), echo=lambda s: None,
                     teacher_path=str(_teacher(cfg, data, tmp_path)))

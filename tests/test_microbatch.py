@@ -1,4 +1,4 @@
-"""Micro-batches (``batch_gpu``, cmcore.training.loop.TrainStep): every method's gradient over
+"""Micro-batches (``batch_gpu``, cmcore.training.step.TrainStep): every method's gradient over
 one pass of the batch equals the gradient accumulated over any split of it, and the mean of the
 ranks' gradients (what DDP averages) for 2 or 4 ranks, because each piece draws its rows of the
 one-pass random numbers (cmcore.diffusion.rng.Draws); a batch_gpu that does not divide a rank's
@@ -16,7 +16,7 @@ from cmcore.methods import objectives, registry
 from cmcore.methods.distances import get_distance
 from cmcore.models import make_model
 from cmcore.training.distributed import World
-from cmcore.training.loop import TrainStep
+from cmcore.training.step import TrainStep
 
 B, K = 8, 3
 BASE = {"lr": 1e-3, "optimizer": "adam", "fused": False, "warmup": 0, "ema": 0.9,

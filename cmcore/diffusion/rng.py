@@ -8,7 +8,7 @@ gets the same numbers whatever the number of ranks and the micro-batch size: a s
 batch changes an update by float rounding only (tests/test_microbatch.py, tests/test_ddp.py).
 A draw costs one tensor of the global batch's input size per process (transient); the
 networks' own randomness (dropout) comes from torch's generator, seeded per step and rank by
-the training loop (cmcore.training.loop.TrainStep), and so depends on the split.
+the training loop (cmcore.training.step.TrainStep), and so depends on the split.
 
 iCT (Song & Dhariwal 2023, Section 3.1) synchronises the dropout RNG of the student f_theta and
 the teacher f_theta- = stopgrad(f_theta); ECT (Geng et al. 2024) does the same. With one network

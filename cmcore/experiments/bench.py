@@ -10,7 +10,7 @@ Figures, each timed on one batch of random data with a freshly initialised netwo
     sample_heun18     the teacher's EDM Heun sampler, 18 steps = 35 NFE
     fid_features      the FID feature extractor on uint8 images (digits classifier, or Inception)
 The training figures time the step training runs: the method's loss as cmcore.training.loop
-builds it (cmcore.methods.registry; PD's stage loss) in a cmcore.training.loop.TrainStep, with
+builds it (cmcore.methods.registry; PD's stage loss) in a cmcore.training.step.TrainStep, with
 the method's config section at the bench's batch; ``bf16``, ``tf32`` and ``compile`` set its
 fast options (cmcore.training.fast). With an NVlabs/edm checkout, their SongUNet built from the
 same arguments is timed interleaved with ours (teacher step, one forward), and the ratio printed.
@@ -50,7 +50,7 @@ from cmcore.networks import ARCHS, build_network
 from cmcore.sampling.samplers import consistency_sample
 from cmcore.training import fast
 from cmcore.training.compute import count_flops
-from cmcore.training.loop import TrainStep, target_update
+from cmcore.training.step import TrainStep, target_update
 
 # Backbone arguments and default batch of each named benchmark network (arch "ddpmpp").
 NETS = {

@@ -8,7 +8,7 @@ How the runs of P processes and of one process stay equal (up to float noise):
 1. Every per-example random number of a step (the data indices and flips of the B examples,
    and inside the loss the noise z, the indices n, the times t) is drawn at the global batch
    by generators seeded with the step's seed, and each rank keeps its rows
-   (cmcore.diffusion.rng.Draws, made by cmcore.training.loop.TrainStep): example i gets the
+   (cmcore.diffusion.rng.Draws, made by cmcore.training.step.TrainStep): example i gets the
    same numbers whatever P (and whatever the micro-batch size). The networks' own randomness
    (dropout) comes from torch's generators, seeded per step and rank: it differs between ranks
    and depends on P, as in EDM.
