@@ -146,8 +146,8 @@ def key_pairs(net):
 
 def unet_state_dict(backbone, net):
     """UNet2DModel's state dict from the ADM backbone's (``F``: keys without ``model.``)."""
-    out = {}
-    for src, dst in key_pairs(net):
+    out, pairs = {}, key_pairs(net)
+    for src, dst in pairs:
         if src not in backbone:  # ResBlocks without a skip conv, the bias-free cases
             continue
         w = backbone[src].detach().float()
@@ -159,7 +159,7 @@ def unet_state_dict(backbone, net):
             out[dst] = w.flatten(1).contiguous()
         else:
             out[dst] = w.contiguous()
-    missing = sorted(set(backbone) - {s for s, _ in key_pairs(net)})
+    missing = sorted(set(backbone) - {s for s, _ in pairs})
     if missing:
         raise NotExportable(f"ADM weights with no diffusers counterpart: {missing[:3]}")
     return out

@@ -99,6 +99,16 @@ def tiny_run(tmp_path_factory):
     return config, tmp / HOSTILE_OUTDIR
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny networks (``pytestmark = usefixtures``): as fast
+    as two there, and far faster on a busy 2-core machine."""
+    from cmcore.threads import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory):
     """A digits classifier (150 iterations: about 97% held-out accuracy), trained once."""

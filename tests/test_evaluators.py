@@ -22,7 +22,6 @@ from cmcore.evaluation.evaluators import (
     seeded_kernel_distance,
 )
 from cmcore.evaluation.metrics import MetricsError, compute_metrics
-from cmcore.threads import torch_threads
 
 # Measured on this data (2 CPU cores, torch 2.14, clean-fid 0.1.35, torch-fidelity 0.4.0): the
 # same classifier features in both, FIDs 1e-14 to 1e-13 apart (relative), KIDs about 1e-7.
@@ -30,10 +29,7 @@ FID_RTOL, KID_RTOL = 1e-9, 1e-5
 TINY_VIT = "vit_test_patch14_dinov2"  # a DINOv2-shaped ViT small enough for a test
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks
 
 
 @pytest.fixture(scope="module")
@@ -199,18 +195,25 @@ def test_cli_fails_before_any_work_when_weights_are_missing(tmp_path):
 def test_cli_writes_the_table(tmp_path, classifier, data):
     reference, samples = data
     config = tiny_config(tmp_path)
-    paths = []
+    paths, metas = [], []  # the sidecars elsewhere: read from --meta, not derived
+    (tmp_path / "meta").mkdir()
     for method, steps in (("cd", 1), ("teacher", 4)):
         path = tmp_path / f"{method}{steps}.npz"
         np.savez(path, arr_0=samples if method == "cd" else reference[:300])
-        path.with_suffix(".json").write_text(json.dumps(
+        meta = tmp_path / "meta" / f"{method}{steps}.json"
+        meta.write_text(json.dumps(
             {"method": method, "steps": steps, "nfe": steps, "seed": 0, "code_version": "x"}))
         paths.append(path)
+        metas.append(meta)
     data_path = tmp_path / "train.npz"
     assert cm("prepare-data", "--config", config, "--out", data_path).returncode == 0
     out = tmp_path / "evaluators.csv"
-    r = cm("evaluators", "--config", config, "--samples", *paths, "--reference", data_path,
-           "--classifier", classifier, "--out", out)
+    args = ("evaluators", "--config", config, "--samples", *paths, "--reference", data_path,
+            "--classifier", classifier, "--out", out)
+    r = cm(*args, "--meta", metas[0])
+    assert r.returncode != 0 and "--meta: 1 files for 2 samples files" in r.stderr
+    assert not out.exists()
+    r = cm(*args, "--meta", *metas)
     assert r.returncode == 0, r.stderr
     import pandas as pd
 

@@ -19,14 +19,8 @@ from cmcore.evaluation.metrics import (
     MetricsError,
     compute_metrics,
 )
-from cmcore.threads import torch_threads
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread is as fast, and far faster on a busy 2-core box."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks
 
 
 @pytest.fixture(scope="module")

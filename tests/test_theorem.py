@@ -24,17 +24,12 @@ from cmcore.experiments.theorem import (
 from cmcore.methods.distances import l2
 from cmcore.methods.objectives import consistency_distillation_loss, consistency_training_loss
 from cmcore.networks import build_network
-from cmcore.threads import torch_threads
 
 GM = ring_mixture(K=8, radius=1.0, std=0.3)
 GRID = dict(eps=0.002, T=80.0, rho=7.0)  # the paper's Karras grid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny 2-D tensors: one torch thread is fastest, and far faster on a busy machine."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks
 
 
 def _random_f(seed=0):

@@ -114,7 +114,9 @@ def build_parser():
     p = add("evaluators", cmd_evaluators,
             "score samples with torch-fidelity and clean-fid side by side (CSV; FD-DINOv2)")
     p.add_argument("--samples", nargs="+", required=True,
-                   help="npz files of cm sample (sidecars beside)")
+                   help="npz files of cm sample")
+    p.add_argument("--meta", nargs="+", default=None,
+                   help="the sidecar JSON of each samples file, in order (default: beside it)")
     p.add_argument("--reference", required=True, help="prepared data set (npz)")
     p.add_argument("--reference-batch", default=None,
                    help="published reference batch (npz with mu, sigma): FID against it")

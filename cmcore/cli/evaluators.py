@@ -13,10 +13,6 @@ from cmcore import dag
 from cmcore.data import DataError
 
 
-def _meta_path(samples):
-    return os.path.splitext(samples)[0] + ".json"
-
-
 def cmd_evaluators(args, cfg):
     from cmcore.evaluation.dinov2 import check_weights as check_dinov2
     from cmcore.evaluation.evaluators import check_cleanfid_weights
@@ -36,14 +32,18 @@ def cmd_evaluators(args, cfg):
     if not weights or not os.path.isfile(weights):
         raise DataError(f"feature-extractor weights {weights!r} not found (evaluation settings"
                         + ("; give --classifier)" if classifier else ")"))
-    for path in [args.reference] + [p for s in args.samples for p in (s, _meta_path(s))]:
+    metas = args.meta or [os.path.splitext(s)[0] + ".json" for s in args.samples]
+    if len(metas) != len(args.samples):
+        raise DataError(f"--meta: {len(metas)} files for {len(args.samples)} samples files; "
+                        "give one sidecar per samples file, in the same order")
+    for path in [args.reference, *args.samples, *metas]:
         if not os.path.isfile(path):
             raise DataError(f"{path} not found (cm sample writes samples and their sidecars)")
     batch = load_reference_batch(args.reference_batch) if args.reference_batch else None
     what = "torch-fidelity and clean-fid" + (" and FD-DINOv2" if ev["dinov2_weights"] else "")
     if args.dry_run:
         return f"would score {len(args.samples)} sample files with {what} -> {args.out}"
-    rows = _score(args, cfg, batch, weights)
+    rows = _score(args, metas, cfg, batch, weights)
     from cmcore.evaluation.evaluators import write_table
 
     stem = os.path.splitext(args.out)[0]
@@ -53,7 +53,7 @@ def cmd_evaluators(args, cfg):
             f"difference {worst:.2e}")
 
 
-def _score(args, cfg, batch, weights):
+def _score(args, metas, cfg, batch, weights):
     """One row per samples file: SideBySide's scores, the sidecar's method and steps, and the
     provenance of the reference set, the evaluators and the code."""
     from cmcore.evaluation.dinov2 import FDDINOv2
@@ -78,10 +78,10 @@ def _score(args, cfg, batch, weights):
                       prc_neighborhood=ev["prc_neighborhood"], device=device, dinov2=dinov2)
     rows, common = [], dict(reference_set=reference_set, versions=versions(),
                             code_version=config_mod.code_version())
-    for path in args.samples:
+    for path, meta_path in zip(args.samples, metas, strict=True):
         with np.load(path) as f:
             samples = f["arr_0"]
-        with open(_meta_path(path)) as f:
+        with open(meta_path) as f:
             meta = json.load(f)
         rows.append({**side(samples), **common, "method": meta["method"],
                      "steps": meta["steps"], "nfe": meta.get("nfe"), "seed": meta.get("seed"),

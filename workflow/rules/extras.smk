@@ -74,6 +74,7 @@ rule evaluators:
         batch=flag("reference-batch", "reference_batch"),
     shell:
         "cm evaluators --config {params.config:q} --samples {input.samples:q}"
+        " --meta {input.meta:q}"
         " --reference {input.reference:q} {params.batch} {params.classifier}"
         " --out {output.csv:q} --md {output.md:q} --html {output.html:q} --threads {threads}"
         " > {log:q} 2>&1"
