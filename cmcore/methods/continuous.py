@@ -24,12 +24,12 @@ API:
 
 import torch
 from torch.func import grad, jvp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmcore.diffusion.precond import _per_sample
 from cmcore.diffusion.rng import Draws
 from cmcore.diffusion.solvers import drift
 from cmcore.methods.distances import l1, l2
+from cmcore.networks.forward_mode import forward_mode
 
 
 def karras_warp(u, eps=0.002, T=80.0, rho=7.0):
@@ -47,10 +47,10 @@ def total_derivative(f, x_t, t, dx_dt):
     """(f(x_t, t), df/dt) with df/dt = J_x f(x_t, t) dx_dt + d_t f(x_t, t), one forward-mode JVP.
 
     ``t`` is a (B,) tensor. The primal output keeps its autograd graph (gradients reach the
-    parameters of f); the tangent does too, detach it for a stop-gradient target. Attention
-    runs on SDPA's math kernel: the fused kernels have no forward-mode derivative.
+    parameters of f); the tangent does too, detach it for a stop-gradient target. The networks
+    run forward_mode()'s kernels (SDPA's math kernel, group norm's analytic JVP).
     """
-    with sdpa_kernel(SDPBackend.MATH):
+    with forward_mode():
         return jvp(f, (x_t, t), (dx_dt, torch.ones_like(t)))
 
 

@@ -29,10 +29,10 @@ API (per-example random numbers from ``rng``, a cmcore.diffusion.rng.Draws):
 
 import torch
 from torch.func import jvp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmcore.diffusion.precond import _per_sample
 from cmcore.diffusion.rng import Draws, same_randomness
+from cmcore.networks.forward_mode import forward_mode
 
 
 def trigflow_velocity(D, x_t, t, sigma_data=0.5):
@@ -67,7 +67,7 @@ def scm_loss(f, x0, velocity, r=1.0, sigma_data=0.5, P_mean=-1.0, P_std=1.4, eps
 
     def target():  # F^- and cos t sin t dF^-/dt: one JVP along (dx_t/dt / sd, 1)
         scale = torch.cos(t) * torch.sin(t)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), forward_mode():
             return jvp(F, (x_t / sd, t), (_per_sample(scale, x0) * v / sd, scale))
     # The online F_theta and the target under the same dropout masks.
     (F_theta, w), (F_minus, dF) = same_randomness(
