@@ -67,6 +67,10 @@ def test_table_shows_compute_and_plots_it(tmp_path):
     text = markdown(df)
     assert "| 192,000 " in text and "| 0.0833 " in text and "| 12.5 " in text
     assert "on 1 x cpu" in text
+    assert "code version abc." in text
+    # Rows from runs of two code versions: the note says which row came from which.
+    mixed = markdown(df.assign(code_version=["abc", "def"]))
+    assert "code version abc (CD); def (CT)." in mixed
     png = tmp_path / "compute.png"
     write_table(paths, str(tmp_path / "t.csv"), str(tmp_path / "t.md"), str(tmp_path / "t.html"),
                 compute_png=str(png))

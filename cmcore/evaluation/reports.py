@@ -44,10 +44,10 @@ def gather(paths):
 
 def markdown(df):
     """A readable Markdown table: the headline columns, numbers rounded, provenance below."""
-    view = df.assign(method=df["method"].map(LABELS).fillna(df["method"]))
+    named = df.assign(method=df["method"].map(LABELS).fillna(df["method"]))
     conditional = bool(df["label_accuracy"].notna().any())
     compute = bool(df["images"].notna().any())
-    view = view[["method", "steps", "nfe", "fid", "isc", "precision", "recall"]
+    view = named[["method", "steps", "nfe", "fid", "isc", "precision", "recall"]
                 + ["label_accuracy"] * conditional + ["distance", "taus", "train_iters"]
                 + ["images", "device_hours", "train_tflop"] * compute]
     if compute:  # counts as integers, hours and TFLOP to 3 digits, '-' where not recorded
@@ -70,9 +70,18 @@ def markdown(df):
         f"Feature extractor: {first['feature_extractor']}"
         + (f" (held-out accuracy {first['extractor_accuracy']:.3f})."
            if pd.notna(first["extractor_accuracy"]) else "."),
-        f"Seed {first['seed']}; code version {first['code_version']}.",
+        f"Seed {_per_row(named, 'seed')}; code version {_per_row(named, 'code_version')}.",
     ]
     return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def _per_row(view, column):
+    """The column's value when all rows share it, else each value with the methods it holds
+    for (a table gathered from runs of several code versions says which came from which)."""
+    groups = view.groupby(view[column].astype(str), sort=False)["method"].unique()
+    if len(groups) == 1:
+        return groups.index[0]
+    return "; ".join(f"{value} ({', '.join(methods)})" for value, methods in groups.items())
 
 
 def _devices(df):
@@ -206,7 +215,7 @@ def markdown_published(df):
             f"{first['feature_extractor']}. The paper's numbers come from openai's TF evaluator "
             "(users of the released ImageNet 64 LPIPS CD model report 8.7 where the paper says "
             "6.20); ours from torch-fidelity. Code version "
-            f"{first['code_version']}.")
+            f"{_per_row(df, 'code_version')}.")
     return f"{note}\n\n{table}\n"
 
 
