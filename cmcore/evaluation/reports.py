@@ -75,10 +75,10 @@ def markdown(df):
     return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def _per_row(view, column):
+def _per_row(df, column):
     """The column's value when all rows share it, else each value with the methods it holds
     for (a table gathered from runs of several code versions says which came from which)."""
-    groups = view.groupby(view[column].astype(str), sort=False)["method"].unique()
+    groups = df.groupby(df[column].astype(str), sort=False)["method"].unique()
     if len(groups) == 1:
         return groups.index[0]
     return "; ".join(f"{value} ({', '.join(methods)})" for value, methods in groups.items())

@@ -10,7 +10,7 @@ Group norm's Jacobian, per sample and group of n elements with x_hat = (x - mu) 
     dy = w * P dx,   P = r (I - 1 1^T / n - x_hat x_hat^T / n)
 P is symmetric, so P dx is what GN's backward returns for the incoming gradient dx without
 weight: one fused native kernel instead of the dozen ops of torch's generic forward-AD rule,
-about half of a JVP's time on the embedded default (tests/test_layers.py checks the tangent).
+about half of a JVP's time on the embedded default (tests/test_forward_mode.py checks it).
 """
 
 import contextlib
