@@ -202,7 +202,8 @@ def test_cli_writes_the_table(tmp_path, classifier, data):
         np.savez(path, arr_0=samples if method == "cd" else reference[:300])
         meta = tmp_path / "meta" / f"{method}{steps}.json"
         meta.write_text(json.dumps(
-            {"method": method, "steps": steps, "nfe": steps, "seed": 0, "code_version": "x"}))
+            {"method": method, "steps": steps, "nfe": steps, "seed": int(method == "teacher"),
+             "code_version": "x"}))
         paths.append(path)
         metas.append(meta)
     data_path = tmp_path / "train.npz"
@@ -223,6 +224,7 @@ def test_cli_writes_the_table(tmp_path, classifier, data):
     assert table["fd_dinov2"].isna().all() and "clean-fid 0.1.35" in table["versions"][0]
     md = out.with_suffix(".md").read_text()
     assert "| CD" in md and "not computed (evaluation.dinov2_weights is null)" in md
+    assert "seed 1 (EDM teacher (Heun)); 0 (CD)." in md  # rows of two seeds say which is which
     assert out.with_suffix(".html").stat().st_size > 0
 
 

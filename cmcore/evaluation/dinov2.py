@@ -78,7 +78,8 @@ def features(net, images_u8, batch=32, device="cpu"):
 
 
 def statistics(phi):
-    """(mu, Sigma) of features (N, d), Sigma the unbiased covariance."""
+    """(mu, Sigma) of features (N, d), Sigma the unbiased covariance (as clean-fid's
+    fid_from_feats computes them)."""
     return phi.mean(axis=0), np.cov(phi, rowvar=False)
 
 

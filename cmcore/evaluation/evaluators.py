@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from cmcore.evaluation.classifier import load_classifier, to_model_input
+from cmcore.evaluation.dinov2 import statistics
 from cmcore.evaluation.metrics import (
     KID_SUBSET_SIZE,
     KID_SUBSETS,
@@ -143,7 +144,7 @@ class CleanFID:
                          f"weights={os.path.abspath(cleanfid_inception)}")
         self.features_r = self.features(reference_u8)
         if reference_stats is None:
-            self.mu_r, self.sigma_r = _statistics(self.features_r)
+            self.mu_r, self.sigma_r = statistics(self.features_r)
         else:
             self.mu_r, self.sigma_r = reference_stats
             if self.mu_r.shape[0] != self.features_r.shape[1]:
@@ -167,13 +168,9 @@ class CleanFID:
         from cleanfid.fid import frechet_distance
 
         features_g = self.features(samples_u8)
-        mu_g, sigma_g = _statistics(features_g)
+        mu_g, sigma_g = statistics(features_g)
         return {"fid": float(frechet_distance(mu_g, sigma_g, self.mu_r, self.sigma_r)),
                 "kid": seeded_kernel_distance(self.features_r, features_g, seed)}
-
-
-def _statistics(phi):
-    return np.mean(phi, axis=0), np.cov(phi, rowvar=False)  # as clean-fid's fid_from_feats
 
 
 # ----------------------------------------------------------------------------
@@ -221,7 +218,6 @@ def versions():
                                                              "timm", "torch"))
 
 
-
 # ----------------------------------------------------------------------------
 # The table.
 
@@ -250,11 +246,11 @@ def table(rows):
 
 def markdown(df):
     """Headline columns (differences: clean-fid minus torch-fidelity), provenance below."""
-    from cmcore.evaluation.reports import LABELS
+    from cmcore.evaluation.reports import LABELS, per_row
 
     dinov2 = bool(df["fd_dinov2"].notna().any())
-    view = df[[c for c in HEADLINE if dinov2 or c != "fd_dinov2"]].assign(
-        method=df["method"].map(LABELS).fillna(df["method"]))
+    named = df.assign(method=df["method"].map(LABELS).fillna(df["method"]))
+    view = named[[c for c in HEADLINE if dinov2 or c != "fd_dinov2"]]
     view = view.assign(**{c: view[c].map(lambda v, f=f: "-" if v != v else f.format(v))
                           for c, f in FORMATS.items() if c in view})
     first = df.iloc[0]
@@ -268,8 +264,8 @@ def markdown(df):
         f"clean-fid: {first['clean_fid_extractor']}.",
         "FD-DINOv2: " + (first["dinov2"] if dinov2 else
                          "not computed (evaluation.dinov2_weights is null)."),
-        f"Versions: {first['versions']}; code version {first['code_version']}; seed "
-        f"{first['seed']}.",
+        f"Versions: {first['versions']}; code version {per_row(named, 'code_version')}; seed "
+        f"{per_row(named, 'seed')}.",
     ]
     return (view.to_markdown(index=False, disable_numparse=True) + "\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")

@@ -70,14 +70,15 @@ def markdown(df):
         f"Feature extractor: {first['feature_extractor']}"
         + (f" (held-out accuracy {first['extractor_accuracy']:.3f})."
            if pd.notna(first["extractor_accuracy"]) else "."),
-        f"Seed {_per_row(named, 'seed')}; code version {_per_row(named, 'code_version')}.",
+        f"Seed {per_row(named, 'seed')}; code version {per_row(named, 'code_version')}.",
     ]
     return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def _per_row(df, column):
-    """The column's value when all rows share it, else each value with the methods it holds
-    for (a table gathered from runs of several code versions says which came from which)."""
+def per_row(df, column):
+    """The column's value when all rows share it, else each value with the methods (df's
+    "method" column) it holds for: a table gathered from runs of several code versions or seeds
+    says which row came from which."""
     groups = df.groupby(df[column].astype(str), sort=False)["method"].unique()
     if len(groups) == 1:
         return groups.index[0]
@@ -215,7 +216,7 @@ def markdown_published(df):
             f"{first['feature_extractor']}. The paper's numbers come from openai's TF evaluator "
             "(users of the released ImageNet 64 LPIPS CD model report 8.7 where the paper says "
             "6.20); ours from torch-fidelity. Code version "
-            f"{_per_row(df, 'code_version')}.")
+            f"{per_row(df, 'code_version')}.")
     return f"{note}\n\n{table}\n"
 
 
