@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmcore.diffusion.rng import same_randomness
+from cmcore.diffusion.rng import same_randomness, seed_device
 from cmcore.diffusion.schedules import karras_grid
 from cmcore.methods.distances import l2
 from cmcore.methods.ict import ict_loss, ict_N, ict_probabilities, ict_weighting
@@ -122,3 +122,17 @@ def test_student_and_teacher_share_dropout_masks():
     a, b = same_randomness("cpu", lambda: f_dropout(X0, EPS), lambda: f_dropout(X0, EPS))
     assert torch.equal(a, b)
     assert ict_loss(f_dropout, X0.expand(256, -1), 11).item() < 1e-12
+
+
+def test_seed_device_is_torch_manual_seed_for_the_cpu_generator():
+    # TrainStep seeds the step's dropout with seed_device, not torch.manual_seed (which formats
+    # tracebacks for the accelerators not in use): the same CPU generator state, the same masks.
+    x = torch.ones(64, 8)
+    torch.manual_seed(2**40 + 7)
+    state, mask = torch.get_rng_state(), F.dropout(x, 0.5, training=True)
+    torch.manual_seed(1)
+    seed_device(2**40 + 7, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(F.dropout(x, 0.5, training=True), mask)
+    seed_device(2**40 + 8, "cpu")
+    assert not torch.equal(torch.get_rng_state(), state)

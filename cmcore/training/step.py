@@ -12,7 +12,7 @@ import copy
 import torch
 
 from cmcore.diffusion import schedules
-from cmcore.diffusion.rng import Draws, step_seed
+from cmcore.diffusion.rng import Draws, seed_device, step_seed
 from cmcore.training import fast
 from cmcore.training.distributed import World
 
@@ -65,7 +65,7 @@ class TrainStep:
         """Zero the gradients, then accumulate g = grad L over the micro-batches; (L, stats)."""
         opt, M = self.opt, len(self.rows)
         self.optimizer.zero_grad(set_to_none=True)
-        torch.manual_seed(step_seed(self.seed, self.label, k, self.world.rank))  # dropout
+        seed_device(step_seed(self.seed, self.label, k, self.world.rank), self.device)  # dropout
         key, total = (self.seed, self.label, k), 0.0
         seed = step_seed(*key)
         # DDP averages the accumulated gradients once, after the last micro-batch.
