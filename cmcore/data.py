@@ -25,11 +25,9 @@ import zlib
 import numpy as np
 import torch
 
+from cmcore.errors import DataError
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
-
-class DataError(Exception):
-    """A data set is missing or malformed; the message says which file and how to fix it."""
 
 
 def load_digits():

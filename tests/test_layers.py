@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cmcore"
 FLOORS = {
     "": 0, "config": 0, "config_rules": 0,        # config: loading, validation, its rules
     "dag": 0, "threads": 0, "files": 0,           # the DAG's torch-free helpers, threads, writes
+    "errors": 0,                                  # the errors a step reports in one line
     "diffusion": 1,                               # the paper's maths
     "networks": 2, "data": 2, "prepared": 2,      # backbones; data sets; the prepared file
     "methods": 3,                                 # what is trained

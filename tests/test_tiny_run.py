@@ -1,19 +1,20 @@
 """Everything that reads the session's tiny run (.test/config/config.yaml, reproduce_table and
 reproduce_extras in one DAG), in one file so that pytest-xdist (--dist loadfile) runs it once:
-the tables and figures it writes, what an edit of its config reruns, and its Snakemake report
-opened in headless Chromium."""
+the tables and figures it writes, what an edit of its config reruns, released models scored in
+its results folder, and its Snakemake report opened in headless Chromium."""
 
 import copy
 import json
 import math
 import re
 import shutil
+import sys
 import tempfile
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, snakemake
+from conftest import ROOT, openai_release, run, snakemake
 
 # ----------------------------------------------------------------------------------------------
 # The tables and figures of the tiny run.
@@ -88,6 +89,38 @@ def test_tiny_extras_end_to_end(tiny_run):
     # features), at most 1e-8 (relative) when measured.
     evaluators = pd.read_csv(out / "tables" / "evaluators.csv")
     assert len(evaluators) == 8 and (evaluators["fid_rel_diff"].abs() < 1e-6).all()
+
+
+# The steps that only read JSON and CSV files start without torch.
+WITHOUT_TORCH = """import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Blocked())
+from cmcore.cli import main
+sys.exit(main())
+"""
+
+
+def test_table_steps_run_without_torch(tiny_run, tmp_path):
+    # With torch blocked, cm table and cm ablation-report write Table 1 and the Fig. 3 tables
+    # as the tiny run's jobs wrote them.
+    config, out = tiny_run
+    metrics = [out / "metrics" / method / f"steps{steps}.json" for method, steps in (
+        ("teacher", 4), ("cd", 1), ("cd", 2), ("ct", 1), ("ct", 2), ("pd", 1), ("pd", 2),
+        ("untrained", 1))]
+    r = run([sys.executable, "-c", WITHOUT_TORCH, "table", "--config", out / "config.yaml",
+             "--metrics", *metrics, "--out", tmp_path / "table1.csv"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "table1.csv").read_text() == (out / "tables" / "table1.csv").read_text()
+    r = run([sys.executable, "-c", WITHOUT_TORCH, "ablation-report", "--config",
+             out / "config.yaml", "--scores", *sorted((out / "ablations").glob("*/*/scores.csv")),
+             "--out", tmp_path, "--plots", tmp_path])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for panel in "abcd":
+        assert (tmp_path / f"fig3{panel}.csv").read_text() == \
+            (out / "tables" / f"fig3{panel}.csv").read_text(), panel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +205,41 @@ def test_cd_edit_reruns_cd_and_its_downstream_only(edited):
             assert all(re.search(r"/(samples|metrics|plots)/(cd/|samples_cd_)", o)
                        for o in outputs), outputs
     assert not any("teacher" in o for outputs in jobs["train"] for o in outputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Released models added to the tiny run's results and scored beside the paper's Table 2.
+
+
+def test_evaluate_published_scores_the_release_beside_the_paper(edited, tmp_path):
+    write, out = edited
+    # Named like the released ImageNet 64 file: the table puts the paper's 6.20 beside it.
+    openai_release(tmp_path, "cd_imagenet64_lpips.pt")
+    config = write(published={"cd_lpips": {"path": str(tmp_path / "cd_imagenet64_lpips.pt"),
+                                           "method": "cd",
+                                           "arch_config": str(tmp_path / "adm.yaml"),
+                                           "taus": [0.5, 0.1]}})
+    # Listing a released model reruns nothing of Table 1; scoring it reuses the run's data,
+    # classifier and reference statistics.
+    assert planned_jobs(config) == {}
+    jobs = planned_jobs(config, "evaluate_published")
+    assert set(jobs) == {"convert_published", "sample", "evaluate", "table2_published",
+                         "evaluate_published"}, jobs
+    r = snakemake("evaluate_published", "--cores", "2", "--configfile", config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out / "tables" / "table2_published.md").read_text()
+    for steps, paper in ((1, "6.20"), (2, "4.70")):
+        record = json.loads((out / "metrics" / "published_cd_lpips" / f"steps{steps}.json")
+                            .read_text())
+        assert record["source"] == "cd_imagenet64_lpips.pt" and math.isfinite(record["fid"])
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+                if line.startswith("| cd_imagenet64_lpips.pt")]
+        row = next(r for r in rows if r[2] == str(steps))  # model, method, steps, taus, ...
+        assert row[4:6] == [f"{record['fid']:.2f}", paper], (row, md)
+    # The 2-step sample used the model's own tau (the paper's choice), not a search.
+    meta = json.loads((out / "samples" / "published_cd_lpips" / "steps2.json").read_text())
+    assert meta["taus"] == [0.5] and meta["tau_source"] == "published.cd_lpips.taus"
+    assert not list((out / "taus").glob("published*"))
 
 
 # ----------------------------------------------------------------------------------------------

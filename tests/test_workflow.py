@@ -3,10 +3,9 @@ DAG runs end to end on a tiny config and writes a table of finite numbers."""
 
 import re
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, run, snakemake, tiny_config
+from conftest import ROOT, snakemake, tiny_config
 
 from cmcore.cli import torchrun_command
 
@@ -113,6 +112,6 @@ def test_documented_commands_plan_their_dag(tmp_path, lpips_hub):
     assert any("--profile slurm" in c for c in commands) and len(commands) >= 5, commands
     for command in commands:
         argv = [t for t in command.split() if not t.startswith("PATH=")][1:]
-        r = run([str(Path(sys.executable).parent / "snakemake"), *argv, "-n"], cwd=tmp_path)
+        r = snakemake(*argv, "-n", cwd=tmp_path)
         assert r.returncode == 0, f"{command}\n{r.stdout[-1500:]}{r.stderr[-1500:]}"
         assert "Traceback" not in r.stderr and "Job stats" in r.stdout, command

@@ -31,8 +31,7 @@ from cmcore.cli.steps import (
     cmd_train,
     cmd_train_classifier,
 )
-from cmcore.data import DataError
-from cmcore.training.checkpoints import CheckpointError
+from cmcore.errors import CheckpointError, DataError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +58,7 @@ def build_parser():
     parser = _Parser(prog="cm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name, func, help):
+    def add(name, func, help, tensors=True):  # tensors=False: a step that only reads tables
         p = sub.add_parser(name, help=help)
         p.add_argument("--config", required=True, help="YAML config (config/config.yaml)")
         p.add_argument("--out", required=True, help="output file")
@@ -68,7 +67,7 @@ def build_parser():
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (overrides the config's threads)")
         p.add_argument("--dry-run", action="store_true", help="validate and describe only")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, tensors=tensors)
         return p
 
     def tables(p):  # a CSV table (--out) with its Markdown and HTML forms
@@ -123,14 +122,16 @@ def build_parser():
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p.add_argument("--md", default=None, help="Markdown table (default: --out with .md)")
     p.add_argument("--html", default=None, help="HTML table (default: --out with .html)")
-    p = add("table", cmd_table, "gather metric JSON files into CSV, Markdown and HTML tables")
+    p = add("table", cmd_table, "gather metric JSON files into CSV, Markdown and HTML tables",
+            tensors=False)
     tables(p)
     p.add_argument("--paper-md", default=None, help="also ours beside the paper's (Markdown)")
     p.add_argument("--compute-plot", default=None, help="also FID against training compute (PNG)")
     p.add_argument("--paper-html", default=None, help="... and as HTML")
     p.add_argument("--published", action="store_true",
                    help="released models beside the paper's Table 2 (in --md and --html)")
-    p = add("figure4", cmd_figure4, "FID against sampling steps: CSV and Markdown tables, a plot")
+    p = add("figure4", cmd_figure4, "FID against sampling steps: CSV and Markdown tables, a plot",
+            tensors=False)
     tables(p)
     p.add_argument("--plot", required=True, help="PNG of FID against steps")
     p = add("ablate", cmd_ablate, "train one Fig. 3 ablation run and score its EMA snapshots (CSV)")
@@ -140,7 +141,8 @@ def build_parser():
     p.add_argument("--classifier", default=None, help="classifier checkpoint (digits)")
     p.add_argument("--checkpoint", default=None, help="the run's checkpoint (default: beside)")
     p.add_argument("--train-log", default=None, help="the run's CSV log (default: beside)")
-    p = add("ablation-report", cmd_ablation_report, "Fig. 3 tables (--out: folder) and plots")
+    p = add("ablation-report", cmd_ablation_report, "Fig. 3 tables (--out: folder) and plots",
+            tensors=False)
     p.add_argument("--scores", nargs="+", required=True, help="CSV files of cm ablate")
     p.add_argument("--plots", required=True, help="folder of the PNG figures")
     add("theorem1", cmd_theorem1, "Theorem 1 and 2 on an exact Gaussian mixture (--out: folder)")
@@ -240,12 +242,13 @@ def main(argv=None):
         cfg = config_mod.validate({**raw, **overrides} if isinstance(raw, dict) else raw)
         _launch(argv, args, cfg)  # a bad config is refused once, before any process starts
         args.threads = cfg["threads"]
-        import torch
+        if args.tensors:  # the steps that only read tables start without torch (1.3 s)
+            import torch
 
-        from cmcore.models import pick_device
+            from cmcore.models import pick_device
 
-        pick_device(cfg["device"])  # a device this machine lacks fails here, before any work
-        torch.set_num_threads(args.threads)
+            pick_device(cfg["device"])  # a device this machine lacks fails here, before work
+            torch.set_num_threads(args.threads)
         message = args.func(args, cfg)
     except (config_mod.ConfigError, DataError, CheckpointError, FileNotFoundError,
             FloatingPointError, ValueError) as e:

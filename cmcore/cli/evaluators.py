@@ -10,7 +10,7 @@ import numpy as np
 
 from cmcore import config as config_mod
 from cmcore import dag
-from cmcore.data import DataError
+from cmcore.errors import DataError
 
 
 def cmd_evaluators(args, cfg):

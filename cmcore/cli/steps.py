@@ -11,9 +11,8 @@ import numpy as np
 
 from cmcore import config as config_mod
 from cmcore import dag
-from cmcore.data import DataError
+from cmcore.errors import CheckpointError, DataError
 from cmcore.files import atomic
-from cmcore.training.checkpoints import CheckpointError
 
 
 def cmd_prepare_data(args, cfg):

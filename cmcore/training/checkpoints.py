@@ -24,16 +24,13 @@ import threading
 import torch
 
 from cmcore import dag
+from cmcore.errors import CheckpointError
 from cmcore.files import atomic
 
 FORMAT = "cmcore-checkpoint/1"
 RESUME_FORMAT = "cmcore-resume/2"  # 2: per-step seeded draws, no RNG states
 # Ctrl-C (SIGINT) too: a stop request saves the resume file at the end of the step.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class CheckpointError(Exception):
-    """A checkpoint is missing, truncated or foreign; the message names the file."""
 
 
 class Preempted(SystemExit):
