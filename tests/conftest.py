@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny, complete config that runs the real DAG in about a minute."""
 
 import copy
+import gc
 import os
 import subprocess
 import sys
@@ -20,6 +21,16 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (_CORES or 1) // _WORKERS)))
+
+# The test modules' imports (torch's million objects among them) run with the garbage collector
+# paused; pytest_collection_finish freezes them out of its later passes (as `cm` does).
+gc.disable()
+
+
+def pytest_collection_finish(session):
+    gc.freeze()
+    gc.enable()
+
 
 # The tiny config of .test/config/config.yaml (FULL): the session's tiny run builds all of it;
 # TINY, for the other tests, leaves out the ablations, Theorem 1, the later recipes, the tau

@@ -6,6 +6,7 @@ directory" line of Snakemake's log names the folder the server started in (Snake
 at import)."""
 
 import atexit
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -19,6 +20,7 @@ _CONTEXT.set_forkserver_preload(["snakemake.cli"])
 
 def _main(argv, cwd, env, out, err):
     """The child: the caller's folder, environment and argv; stdout and stderr to files."""
+    gc.freeze()  # the server's imports: out of the child's collections
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)

@@ -1,8 +1,11 @@
 """The CLI: dry runs validate and write nothing; bad input is one line on stderr, exit 2."""
 
+import gc
+import sys
+
 import numpy as np
 import pytest
-from conftest import cm, cm_process, tiny_config
+from conftest import cm, cm_process, run, tiny_config
 
 
 def test_dry_runs_write_nothing(tiny, tmp_path):
@@ -61,6 +64,27 @@ def test_module_entry_point_reports_one_line(tmp_path):
                    tmp_path / "d.npz")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "cm prepare-data: error: cd.N: 1 is less than the minimum of 2"
+
+
+def test_only_a_process_of_its_own_freezes_torch_out_of_the_collector(tiny, tmp_path):
+    # `cm` (python -m cmcore) imports torch and a step's heavy modules with the collector
+    # paused, then freezes them; main() called by another program leaves its collector alone.
+    code = ("import gc, sys\nfrom cmcore.cli import main\ncode = main()\n"
+            "print('frozen', gc.get_freeze_count(), gc.isenabled(), "
+            "'torch._dynamo' in sys.modules)\nsys.exit(code)\n")
+    data = tmp_path / "d.npz"
+    r = run([sys.executable, "-c", code, "prepare-data", "--config", tiny, "--out", data])
+    assert r.returncode == 0, r.stderr
+    count, enabled, dynamo = r.stdout.split("frozen ")[1].split()
+    assert int(count) > 100_000 and enabled == "True" and dynamo == "False"
+    train = ("train", "--method", "teacher", "--config", tiny, "--data", data, "--out",
+             tmp_path / "teacher.pt", "--dry-run")
+    r = run([sys.executable, "-c", code, *train])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("frozen ")[1].split()[1:] == ["True", "True"]  # train: FIT preloaded
+    frozen = gc.get_freeze_count()
+    assert cm(*train).returncode == 0
+    assert gc.get_freeze_count() <= frozen and gc.isenabled()  # (frozen objects can die)
 
 
 def test_cifar10_reader_and_paper_config(tmp_path, lpips_hub):
