@@ -104,23 +104,30 @@ sys.exit(main())
 
 
 def test_table_steps_run_without_torch(tiny_run, tmp_path):
-    # With torch blocked, cm table and cm ablation-report write Table 1 and the Fig. 3 tables
-    # as the tiny run's jobs wrote them.
+    # With torch blocked, cm table, figure4 and ablation-report write Table 1, Fig. 4's and
+    # Fig. 3's tables as the tiny run's jobs wrote them.
     config, out = tiny_run
-    metrics = [out / "metrics" / method / f"steps{steps}.json" for method, steps in (
+
+    def without_torch(step, *args):
+        r = run([sys.executable, "-c", WITHOUT_TORCH, step, "--config", out / "config.yaml",
+                 *args])
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    def metrics(*runs):
+        return [out / "metrics" / method / f"steps{steps}.json" for method, steps in runs]
+
+    without_torch("table", "--metrics", *metrics(
         ("teacher", 4), ("cd", 1), ("cd", 2), ("ct", 1), ("ct", 2), ("pd", 1), ("pd", 2),
-        ("untrained", 1))]
-    r = run([sys.executable, "-c", WITHOUT_TORCH, "table", "--config", out / "config.yaml",
-             "--metrics", *metrics, "--out", tmp_path / "table1.csv"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "table1.csv").read_text() == (out / "tables" / "table1.csv").read_text()
-    r = run([sys.executable, "-c", WITHOUT_TORCH, "ablation-report", "--config",
-             out / "config.yaml", "--scores", *sorted((out / "ablations").glob("*/*/scores.csv")),
-             "--out", tmp_path, "--plots", tmp_path])
-    assert r.returncode == 0, r.stderr[-2000:]
-    for panel in "abcd":
-        assert (tmp_path / f"fig3{panel}.csv").read_text() == \
-            (out / "tables" / f"fig3{panel}.csv").read_text(), panel
+        ("untrained", 1)), "--out", tmp_path / "table1.csv")
+    without_torch("figure4", "--metrics", *metrics(
+        *((m, n) for m in ("cd", "ct", "pd") for n in (1, 2, 4))),
+        "--out", tmp_path / "fig4_steps.csv", "--plot", tmp_path / "fig4_steps.png")
+    without_torch("ablation-report", "--scores",
+                  *sorted((out / "ablations").glob("*/*/scores.csv")), "--out", tmp_path,
+                  "--plots", tmp_path)
+    for table in ("table1", "fig4_steps", *(f"fig3{panel}" for panel in "abcd")):
+        assert (tmp_path / f"{table}.csv").read_text() == \
+            (out / "tables" / f"{table}.csv").read_text(), table
 
 
 # ----------------------------------------------------------------------------------------------
