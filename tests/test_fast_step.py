@@ -22,7 +22,7 @@ from cmcore.methods import objectives
 from cmcore.methods.distances import l2
 from cmcore.models import make_model
 from cmcore.prepared import save_prepared
-from cmcore.training import fast, loop
+from cmcore.training import fast, flat, loop
 from cmcore.training.checkpoints import load_checkpoint
 from cmcore.training.loop import train
 
@@ -333,18 +333,23 @@ def test_compile_runs_the_online_network_compiled(setup, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("flat_params", [False, True])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("exact, torch_cls", [(fast.ExactAdam, torch.optim.Adam),
                                               (fast.ExactRAdam, torch.optim.RAdam)])
-def test_flat_optimizers_are_torchs_loop_bitwise(exact, torch_cls, memory_format):
+def test_flat_optimizers_are_torchs_loop_bitwise(exact, torch_cls, memory_format, flat_params):
     # RAdam's first steps (rho_k <= 5) and later ones, a changing lr, gradients over six orders
-    # of magnitude, a parameter without a gradient for a while (its own step count), a resume.
+    # of magnitude, a parameter without a gradient for a while (its own step count), a resume;
+    # the parameters as they are, or in one buffer as TrainStep lays them out (one op updates
+    # them all while every one has a gradient).
     torch.manual_seed(0)
     net = make_model({"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2],
                       "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
                       "img_resolution": 8, "in_channels": 1}, "consistency",
                      {"sigma_data": 0.5, "sigma_min": 0.002}).to(memory_format=memory_format)
     a, b = copy.deepcopy(net), copy.deepcopy(net)
+    if flat_params:
+        assert flat.flatten_(a.parameters()) is not None
     ours, theirs = exact(a.parameters(), lr=1e-3), torch_cls(b.parameters(), lr=1e-3,
                                                             foreach=False)
     g = torch.Generator().manual_seed(1)
@@ -365,3 +370,33 @@ def test_flat_optimizers_are_torchs_loop_bitwise(exact, torch_cls, memory_format
         theirs.state_dict()["param_groups"][0].keys()
     with pytest.raises(ValueError, match="default options only"):
         exact(a.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+def test_flat_parameters_keep_values_and_layouts_in_one_buffer():
+    torch.manual_seed(0)
+    cfg = {"arch": "ddpmpp", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+           "attn_resolutions": [4], "dropout": 0.0, "img_resolution": 8, "in_channels": 1}
+    nets = [make_model(cfg, "denoiser", {"sigma_data": 0.5}).to(memory_format=torch.channels_last)
+            for _ in range(2)]
+    before = [[p.detach().clone() for p in net.parameters()] for net in nets]
+    a, b = (flat.Flat(net.parameters()) for net in nets)
+    for f, old in zip((a, b), before, strict=True):
+        assert f.buffer.numel() == sum(p.numel() for p in f.params)
+        for p, q in zip(f.params, old, strict=True):
+            assert torch.equal(p, q) and p.stride() == q.stride()  # channels-last kept
+            assert p.untyped_storage().data_ptr() == f.buffer.untyped_storage().data_ptr()
+    assert flat.flatten_(a.params).data_ptr() == a.buffer.data_ptr()  # already flat: kept
+    # lerp_ of two Flats is one op on their buffers, and it is a _foreach_ lerp bitwise.
+    want = [p.clone() for p in a.params]
+    torch._foreach_lerp_(want, b.params, 0.3)
+    with torch.no_grad():
+        flat.lerp_(a, b, 0.3)
+    assert all(torch.equal(p, q) for p, q in zip(a.params, want, strict=True))
+    # A parameter moved out of the buffer (module.to does that): no buffer, the _foreach_ path.
+    nets[0].to(memory_format=torch.contiguous_format)
+    assert a.buffer is None
+    want = [p.clone() for p in a.params]
+    torch._foreach_lerp_(want, b.params, 0.5)
+    with torch.no_grad():
+        flat.lerp_(a, b, 0.5)
+    assert all(torch.equal(p, q) for p, q in zip(a.params, want, strict=True))

@@ -24,6 +24,8 @@ import contextlib
 
 import torch
 
+from cmcore.training.flat import memory_order, pieces, shared
+
 
 def optimizer(params, opt, device):
     """The optimizer ``opt['optimizer']`` (adam or radam) at ``opt['lr']`` over ``params``."""
@@ -40,65 +42,101 @@ def optimizer(params, opt, device):
 class _FlatLoop:
     """torch's single-tensor Adam / RAdam step (its default on CPU), op for op and scalar for
     scalar, over all parameters at once: the moments exp_avg and exp_avg_sq of the parameters
-    stepped together live in one flat buffer each (the state's tensors are views of it), so each
-    moment update is one op on one tensor and the parameter update one _foreach_ op. An
-    elementwise op computes each element alike wherever it sits, so the parameters are bitwise
-    those of torch's loop (tests/test_fast_step.py) at a fraction of its per-parameter cost.
-    Defaults only: no weight decay, amsgrad, maximize, capturable or differentiable; the state
-    is torch's (step, exp_avg, exp_avg_sq), so state dicts and resume files are those of
-    torch's optimizer (a loaded state is gathered into new buffers at the next step)."""
+    stepped together live in one flat buffer each (the state's tensors are views of it, strided
+    as their parameters, cmcore.training.flat), so each moment update is one op on one tensor,
+    and so is the parameter update where the parameters are views of one buffer themselves
+    (TrainStep flattens them); else it is one _foreach_ op. An elementwise op computes each
+    element alike wherever it sits, so the parameters are bitwise those of torch's loop
+    (tests/test_fast_step.py) at a fraction of its per-parameter cost. Parameters initialised
+    together share one step-count tensor (one increment, one read per step). Defaults only: no
+    weight decay, amsgrad, maximize, capturable or differentiable; the state is torch's (step,
+    exp_avg, exp_avg_sq), so state dicts and resume files are those of torch's optimizer (a
+    loaded state is gathered into new buffers at the next step)."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         self._check_defaults()
         self._flat_cache = {}  # parameter ids -> (flat m, flat v, m views, v views)
+        self._param_cache = {}  # parameter ids -> (data pointers, their shared buffer or None)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             stepped = [p for p in group["params"] if p.grad is not None]
-            for p in stepped:
-                state = self.state[p]
-                if not state:  # as torch's _init_group on CPU
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            fresh = [p for p in stepped if not self.state[p]]
+            if fresh:  # as torch's _init_group on CPU, with one step tensor for all of them
+                k0 = torch.tensor(0.0)
+                for p in fresh:
+                    self.state[p].update(
+                        step=k0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
             if not stepped:
                 continue
             # k <- k + 1; parameters with the same step count k share one flat update.
-            steps = [self.state[p]["step"] for p in stepped]
-            torch._foreach_add_(steps, 1)
-            by_step = {}
-            for p, k in zip(stepped, steps, strict=True):
-                by_step.setdefault(k.item(), []).append(p)
+            by_step = self._count(group["params"], stepped)
             beta1, beta2 = group["betas"]
             for k, params in by_step.items():
                 m, v = self._flat(params)
-                g = torch.cat([p.grad.reshape(-1) for p in params])
+                g = torch.cat([_memory_order_like(p.grad, p) for p in params])
                 # m <- lerp(m, g, 1 - beta1); v <- beta2 v + (1 - beta2) g^2
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2)
                 v.addcmul_(g, g, value=1 - beta2)
                 self._update(params, m, v, k, beta1, beta2, group["lr"], group["eps"])
 
+    def _count(self, params, stepped):
+        """k <- k + 1 for each parameter in ``stepped`` (those of ``params`` with a gradient);
+        {k: its parameters}. One step tensor shared by all of ``params``: one increment; else
+        (a loaded state, a parameter without a gradient) each distinct tensor once, a tensor
+        also held by a parameter not stepped copied first, and one tensor shared again when
+        every parameter was stepped to the same k."""
+        state = self.state
+        ks = [state[p]["step"] for p in stepped]
+        if len(stepped) == len(params) and all(k is ks[0] for k in ks):
+            ks[0].add_(1)
+            return {ks[0].item(): stepped}
+        held = {id(state[p]["step"]) for p in params if p.grad is None and state[p]}
+        copies = {}
+        for p, k in zip(stepped, ks, strict=True):
+            if id(k) in held:
+                state[p]["step"] = copies.setdefault(id(k), k.clone())
+        ks = [state[p]["step"] for p in stepped]
+        torch._foreach_add_(list({id(k): k for k in ks}.values()), 1)
+        by_step = {}
+        for p, k in zip(stepped, ks, strict=True):
+            by_step.setdefault(k.item(), []).append(p)
+        if len(by_step) == 1 and len(stepped) == len(params):
+            for p in stepped:
+                state[p]["step"] = ks[0]
+        return by_step
+
     def _flat(self, params):
-        """(flat exp_avg, flat exp_avg_sq) of ``params``, in their elements' logical order: the
-        buffers made once per set of parameters, again after the state's tensors were replaced
-        (a load)."""
+        """(flat exp_avg, flat exp_avg_sq) of ``params``, each parameter's part in its memory
+        order: the buffers made once per set of parameters, again after the state's tensors
+        were replaced (a load)."""
         key = tuple(map(id, params))
         entry = self._flat_cache.get(key)
         if entry is None or any(self.state[p]["exp_avg"] is not a or self.state[p]["exp_avg_sq"]
                                 is not b for p, a, b in zip(params, *entry[2:], strict=True)):
             flat = []
             for name in ("exp_avg", "exp_avg_sq"):
-                buffer = torch.cat([self.state[p][name].reshape(-1) for p in params])
-                views = _pieces(buffer, params)
+                buffer = torch.cat([_memory_order_like(self.state[p][name], p) for p in params])
+                views = pieces(buffer, params)
                 for p, view in zip(params, views, strict=True):
                     self.state[p][name] = view
                 flat.append((buffer, views))
             (m, m_views), (v, v_views) = flat
             entry = self._flat_cache[key] = (m, v, m_views, v_views)
         return entry[:2]
+
+    def _params(self, params):
+        """The buffer ``params`` are consecutive views of (cmcore.training.flat), else None;
+        looked up again when a parameter's data moved."""
+        key, pointers = tuple(map(id, params)), tuple(p.data_ptr() for p in params)
+        entry = self._param_cache.get(key)
+        if entry is None or entry[0] != pointers:
+            entry = self._param_cache[key] = (pointers, shared(params))
+        return entry[1]
 
     def _check_defaults(self):
         for group in self.param_groups:
@@ -108,10 +146,12 @@ class _FlatLoop:
                 raise ValueError(f"{type(self).__name__} supports the default options only")
 
 
-def _pieces(flat, params):
-    """``flat`` cut into tensors shaped as ``params`` (views, in each one's logical order)."""
-    sizes = [p.numel() for p in params]
-    return [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
+def _memory_order_like(t, p):
+    """``t`` (shaped as parameter ``p``) as a 1-D tensor in ``p``'s memory order: a view when
+    ``t`` is strided as ``p`` (gradients are: autograd's layout contract), else a copy."""
+    if t.stride() != p.stride():
+        t = torch.empty_strided(p.shape, p.stride(), dtype=t.dtype, device=t.device).copy_(t)
+    return memory_order(t)
 
 
 class ExactAdam(_FlatLoop, torch.optim.Adam):
@@ -122,8 +162,12 @@ class ExactAdam(_FlatLoop, torch.optim.Adam):
         denom = v.sqrt()
         denom.div_(bias_correction2**0.5)
         denom.add_(eps)
-        torch._foreach_addcdiv_(params, _pieces(m, params), _pieces(denom, params),
-                                value=-(lr / bias_correction1))
+        buffer, step_size = self._params(params), lr / bias_correction1
+        if buffer is not None:  # one op on the parameters' buffer, else one _foreach_ op
+            buffer.addcdiv_(m, denom, value=-step_size)
+        else:
+            torch._foreach_addcdiv_(params, pieces(m, params), pieces(denom, params),
+                                    value=-step_size)
 
 
 class ExactRAdam(_FlatLoop, torch.optim.RAdam):
@@ -145,7 +189,11 @@ class ExactRAdam(_FlatLoop, torch.optim.RAdam):
             adaptive.mul_(bias_correction2**0.5)
             update.mul_(adaptive)
             update.mul_(rect)
-        torch._foreach_add_(params, _pieces(update, params), alpha=-1.0)
+        buffer = self._params(params)
+        if buffer is not None:  # one op on the parameters' buffer, else one _foreach_ op
+            buffer.add_(update, alpha=-1.0)
+        else:
+            torch._foreach_add_(params, pieces(update, params), alpha=-1.0)
 
 
 def autocast(opt, device):

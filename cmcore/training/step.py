@@ -13,7 +13,7 @@ import torch
 
 from cmcore.diffusion import schedules
 from cmcore.diffusion.rng import Draws, seed_device, step_seed
-from cmcore.training import fast
+from cmcore.training import fast, flat
 from cmcore.training.distributed import World
 
 
@@ -52,7 +52,9 @@ class TrainStep:
         self.world, self.seed, self.label, self.net = world or World(), seed, label, net
         self.optimizer = _optimizer(model, opt)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)  # before compiling: eager
-        self.params, self.ema_params = list(model.parameters()), list(self.ema.parameters())
+        # Each network's parameters in one buffer: its optimizer and EMA updates are one op each.
+        self.flat, self.ema_flat = flat.Flat(model.parameters()), flat.Flat(self.ema.parameters())
+        self.params, self.ema_params = self.flat.params, self.ema_flat.params
         self.device = self.params[0].device if self.params else torch.device("cpu")
         B = opt["batch"]
         b = B // self.world.size
@@ -95,16 +97,16 @@ class TrainStep:
             self.after_step(k, stats)
         decay = schedules.ema_warmup_decay(opt["ema"], k)
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, params, 1 - decay)
+            flat.lerp_(self.ema_flat, self.flat, 1 - decay)
         return loss, stats, lr
 
 
 def target_update(target, model):
     """after_step(k, stats) for ``fit``: theta^- <- stopgrad(mu theta^- + (1 - mu) theta), mu =
     stats["mu"], over parameter lists taken once."""
-    target_params, params = list(target.parameters()), list(model.parameters())
+    target_flat, model_flat = flat.Flat(target.parameters()), flat.Flat(model.parameters())
 
     def after(k, stats):
         with torch.no_grad():
-            torch._foreach_lerp_(target_params, params, 1 - stats["mu"])
+            flat.lerp_(target_flat, model_flat, 1 - stats["mu"])
     return after
