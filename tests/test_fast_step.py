@@ -370,6 +370,9 @@ def test_flat_optimizers_are_torchs_loop_bitwise(exact, torch_cls, memory_format
         theirs.state_dict()["param_groups"][0].keys()
     with pytest.raises(ValueError, match="default options only"):
         exact(a.parameters(), lr=1e-3, weight_decay=0.1)
+    strided = torch.nn.Parameter(torch.zeros(4, 6)[:, ::2])  # every other column: not dense
+    with pytest.raises(ValueError, match="dense parameters"):
+        exact([strided], lr=1e-3)
 
 
 def test_flat_parameters_keep_values_and_layouts_in_one_buffer():

@@ -24,7 +24,7 @@ import contextlib
 
 import torch
 
-from cmcore.training.flat import memory_order, pieces, shared
+from cmcore.training.flat import dense, memory_order, pieces, shared
 
 
 def optimizer(params, opt, device):
@@ -144,6 +144,8 @@ class _FlatLoop:
                                    "differentiable", "decoupled_weight_decay") if group.get(key)]
             if bad or torch.is_tensor(group["lr"]):
                 raise ValueError(f"{type(self).__name__} supports the default options only")
+            if not all(dense(p) for p in group["params"]):  # a module's are; flat views need it
+                raise ValueError(f"{type(self).__name__} needs dense parameters")
 
 
 def _memory_order_like(t, p):

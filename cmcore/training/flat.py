@@ -11,6 +11,7 @@ op per parameter (about 200 in the embedded default's U-Net).
     shared(params) -> buffer       the 1-D buffer ``params`` are consecutive views of, else None
     pieces(buffer, params)         ``buffer`` cut into views shaped and strided as ``params``
     memory_order(t) -> 1-D view    a dense tensor's elements in the order they lie in memory
+    dense(t)                       whether t's elements fill numel() consecutive places
 
 A parameter's element sits in the buffer where it sits in the parameter's own memory, so a
 buffer and the per-parameter tensors hold the same numbers in the same places; an elementwise
@@ -21,7 +22,7 @@ op on every parameter gives (tests/test_fast_step.py).
 import torch
 
 
-def _dense(t):
+def dense(t):
     """Whether ``t``'s elements fill ``t.numel()`` consecutive places of its storage."""
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
@@ -56,7 +57,7 @@ def shared(params):
     size = 0
     for p in params:
         if (p.untyped_storage().data_ptr() != storage.data_ptr() or p.dtype != first.dtype
-                or p.storage_offset() != offset + size or not _dense(p)):
+                or p.storage_offset() != offset + size or not dense(p)):
             return None
         size += p.numel()
     if storage.nbytes() != size * first.element_size():
@@ -73,7 +74,7 @@ def flatten_(params):
     if buffer is not None or not params:
         return buffer
     first = params[0]
-    if any(p.dtype != first.dtype or p.device != first.device or not _dense(p)
+    if any(p.dtype != first.dtype or p.device != first.device or not dense(p)
            for p in params):
         return None
     buffer = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
