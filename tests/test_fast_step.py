@@ -370,6 +370,13 @@ def test_flat_optimizers_are_torchs_loop_bitwise(exact, torch_cls, memory_format
         theirs.state_dict()["param_groups"][0].keys()
     with pytest.raises(ValueError, match="default options only"):
         exact(a.parameters(), lr=1e-3, weight_decay=0.1)
+    # Our state dict drives torch's own optimizer (a resume on a GPU, where the fused or
+    # foreach one runs): one step advances every parameter's count by exactly one.
+    other = torch_cls(b.parameters(), lr=1e-3, foreach=True)
+    other.load_state_dict(copy.deepcopy(ours.state_dict()))  # as a resume file gives it
+    other.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert other.state[q]["step"] == ours.state[p]["step"] + 1
     strided = torch.nn.Parameter(torch.zeros(4, 6)[:, ::2])  # every other column: not dense
     with pytest.raises(ValueError, match="dense parameters"):
         exact([strided], lr=1e-3)

@@ -47,11 +47,10 @@ class _FlatLoop:
     and so is the parameter update where the parameters are views of one buffer themselves
     (TrainStep flattens them); else it is one _foreach_ op. An elementwise op computes each
     element alike wherever it sits, so the parameters are bitwise those of torch's loop
-    (tests/test_fast_step.py) at a fraction of its per-parameter cost. Parameters initialised
-    together share one step-count tensor (one increment, one read per step). Defaults only: no
-    weight decay, amsgrad, maximize, capturable or differentiable; the state is torch's (step,
-    exp_avg, exp_avg_sq), so state dicts and resume files are those of torch's optimizer (a
-    loaded state is gathered into new buffers at the next step)."""
+    (tests/test_fast_step.py) at a fraction of its per-parameter cost. Defaults only: no weight
+    decay, amsgrad, maximize, capturable or differentiable; the state is torch's (a step-count
+    tensor per parameter, exp_avg, exp_avg_sq), so state dicts and resume files are those of
+    torch's optimizer (a loaded state is gathered into new buffers at the next step)."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
@@ -63,17 +62,20 @@ class _FlatLoop:
     def step(self, closure=None):
         for group in self.param_groups:
             stepped = [p for p in group["params"] if p.grad is not None]
-            fresh = [p for p in stepped if not self.state[p]]
-            if fresh:  # as torch's _init_group on CPU, with one step tensor for all of them
-                k0 = torch.tensor(0.0)
-                for p in fresh:
-                    self.state[p].update(
-                        step=k0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                        exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            for p in stepped:
+                state = self.state[p]
+                if not state:  # as torch's _init_group on CPU
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if not stepped:
                 continue
             # k <- k + 1; parameters with the same step count k share one flat update.
-            by_step = self._count(group["params"], stepped)
+            steps = [self.state[p]["step"] for p in stepped]
+            torch._foreach_add_(steps, 1)
+            by_step = {}
+            for p, k in zip(stepped, steps, strict=True):
+                by_step.setdefault(k.item(), []).append(p)
             beta1, beta2 = group["betas"]
             for k, params in by_step.items():
                 m, v = self._flat(params)
@@ -83,32 +85,6 @@ class _FlatLoop:
                 v.mul_(beta2)
                 v.addcmul_(g, g, value=1 - beta2)
                 self._update(params, m, v, k, beta1, beta2, group["lr"], group["eps"])
-
-    def _count(self, params, stepped):
-        """k <- k + 1 for each parameter in ``stepped`` (those of ``params`` with a gradient);
-        {k: its parameters}. One step tensor shared by all of ``params``: one increment; else
-        (a loaded state, a parameter without a gradient) each distinct tensor once, a tensor
-        also held by a parameter not stepped copied first, and one tensor shared again when
-        every parameter was stepped to the same k."""
-        state = self.state
-        ks = [state[p]["step"] for p in stepped]
-        if len(stepped) == len(params) and all(k is ks[0] for k in ks):
-            ks[0].add_(1)
-            return {ks[0].item(): stepped}
-        held = {id(state[p]["step"]) for p in params if p.grad is None and state[p]}
-        copies = {}
-        for p, k in zip(stepped, ks, strict=True):
-            if id(k) in held:
-                state[p]["step"] = copies.setdefault(id(k), k.clone())
-        ks = [state[p]["step"] for p in stepped]
-        torch._foreach_add_(list({id(k): k for k in ks}.values()), 1)
-        by_step = {}
-        for p, k in zip(stepped, ks, strict=True):
-            by_step.setdefault(k.item(), []).append(p)
-        if len(by_step) == 1 and len(stepped) == len(params):
-            for p in stepped:
-                state[p]["step"] = ks[0]
-        return by_step
 
     def _flat(self, params):
         """(flat exp_avg, flat exp_avg_sq) of ``params``, each parameter's part in its memory
