@@ -410,3 +410,7 @@ def test_flat_parameters_keep_values_and_layouts_in_one_buffer():
     with torch.no_grad():
         flat.lerp_(a, b, 0.5)
     assert all(torch.equal(p, q) for p, q in zip(a.params, want, strict=True))
+    # Moved into one buffer again: found again, and lerp_ is one op on it.
+    buffer = flat.flatten_(a.params)
+    for f in (a, flat.Flat(a.params, move=False)):
+        assert (f.buffer.data_ptr(), f.buffer.numel()) == (buffer.data_ptr(), buffer.numel())

@@ -24,7 +24,7 @@ import contextlib
 
 import torch
 
-from cmcore.training.flat import dense, memory_order, pieces, shared
+from cmcore.training.flat import Flat, dense, memory_order, pieces
 
 
 def optimizer(params, opt, device):
@@ -56,7 +56,7 @@ class _FlatLoop:
         super().__init__(params, **kwargs)
         self._check_defaults()
         self._flat_cache = {}  # parameter ids -> (flat m, flat v, m views, v views)
-        self._param_cache = {}  # parameter ids -> (data pointers, their shared buffer or None)
+        self._param_flats = {}  # parameter ids -> their Flat (not moved: TrainStep does)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,13 +106,11 @@ class _FlatLoop:
         return entry[:2]
 
     def _params(self, params):
-        """The buffer ``params`` are consecutive views of (cmcore.training.flat), else None;
-        looked up again when a parameter's data moved."""
-        key, pointers = tuple(map(id, params)), tuple(p.data_ptr() for p in params)
-        entry = self._param_cache.get(key)
-        if entry is None or entry[0] != pointers:
-            entry = self._param_cache[key] = (pointers, shared(params))
-        return entry[1]
+        """The buffer ``params`` are consecutive views of (cmcore.training.flat), else None."""
+        key = tuple(map(id, params))
+        if key not in self._param_flats:
+            self._param_flats[key] = Flat(params, move=False)
+        return self._param_flats[key].buffer
 
     def _check_defaults(self):
         for group in self.param_groups:

@@ -6,7 +6,8 @@ op per parameter (about 200 in the embedded default's U-Net).
                                    buffer, each with its own shape and strides (channels-last
                                    weights stay channels-last); the buffer they share already
                                    when they do; None when they cannot share one
-    Flat(params).buffer            flatten_'s buffer while the parameters are still in it
+    Flat(params).buffer            the buffer the parameters share (flatten_ at the start),
+                                   looked up again after a parameter moved
     lerp_(a, b, weight)            a <- lerp(a, b, weight) for two Flats: one op
     shared(params) -> buffer       the 1-D buffer ``params`` are consecutive views of, else None
     pieces(buffer, params)         ``buffer`` cut into views shaped and strided as ``params``
@@ -86,13 +87,14 @@ def flatten_(params):
 
 
 class Flat:
-    """A network's parameters ``params`` in one buffer (flatten_): ``buffer`` is it while every
-    parameter still has the data it was given (None after one was moved, as by module.to, or
-    when they could not share one)."""
+    """A network's parameters ``params`` and the buffer they are consecutive views of
+    (``shared``; flatten_ moves them into one first unless ``move`` is false): ``buffer`` is
+    it, looked up again whenever a parameter's data moved (as by module.to): None while they
+    share none."""
 
-    def __init__(self, params):
+    def __init__(self, params, move=True):
         self.params = list(params)
-        self._buffer = flatten_(self.params)
+        self._buffer = flatten_(self.params) if move else shared(self.params)
         self._pointers = self._data()
         self.layout = tuple((p.shape, p.stride()) for p in self.params)
 
@@ -101,8 +103,10 @@ class Flat:
 
     @property
     def buffer(self):
-        return self._buffer if self._buffer is not None and self._data() == self._pointers \
-            else None
+        pointers = self._data()
+        if pointers != self._pointers:
+            self._buffer, self._pointers = shared(self.params), pointers
+        return self._buffer
 
 
 def lerp_(a, b, weight):
