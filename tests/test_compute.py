@@ -71,6 +71,10 @@ def test_table_shows_compute_and_plots_it(tmp_path):
     # Rows from runs of two code versions: the note says which row came from which.
     mixed = markdown(df.assign(code_version=["abc", "def"]))
     assert "code version abc (CD); def (CT)." in mixed
+    # So does every provenance note: rows scored with other sample counts or extractors.
+    mixed = markdown(df.assign(num_samples=[100, 500], feature_extractor=["classifier", "x"]))
+    assert "; 100 (CD); 500 (CT) samples per row" in mixed
+    assert "Feature extractor: classifier (CD); x (CT)." in mixed
     png = tmp_path / "compute.png"
     write_table(paths, str(tmp_path / "t.csv"), str(tmp_path / "t.md"), str(tmp_path / "t.html"),
                 compute_png=str(png))

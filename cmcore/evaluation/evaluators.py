@@ -253,19 +253,19 @@ def markdown(df):
     view = named[[c for c in HEADLINE if dinov2 or c != "fd_dinov2"]]
     view = view.assign(**{c: view[c].map(lambda v, f=f: "-" if v != v else f.format(v))
                           for c, f in FORMATS.items() if c in view})
-    first = df.iloc[0]
     notes = [
         "fid_diff, kid_diff: clean-fid minus torch-fidelity; fid_rel_diff: fid_diff / "
         "fid_torch_fidelity. KID: 100 subsets of min(1000, n) rows, the same subsets in both.",
-        f"{first['num_samples']} samples per row against the {first['reference_set']} "
-        f"({first['num_reference']} reference images).",
-        f"torch-fidelity: {first['torch_fidelity_extractor']}; IS, precision and recall are "
-        "torch-fidelity's.",
-        f"clean-fid: {first['clean_fid_extractor']}.",
-        "FD-DINOv2: " + (first["dinov2"] if dinov2 else
+        f"{per_row(named, 'num_samples')} samples per row against the "
+        f"{per_row(named, 'reference_set')} ({per_row(named, 'num_reference')} reference "
+        "images).",
+        f"torch-fidelity: {per_row(named, 'torch_fidelity_extractor')}; IS, precision and "
+        "recall are torch-fidelity's.",
+        f"clean-fid: {per_row(named, 'clean_fid_extractor')}.",
+        "FD-DINOv2: " + (per_row(named[df["fd_dinov2"].notna()], "dinov2") if dinov2 else
                          "not computed (evaluation.dinov2_weights is null)."),
-        f"Versions: {first['versions']}; code version {per_row(named, 'code_version')}; seed "
-        f"{per_row(named, 'seed')}.",
+        f"Versions: {per_row(named, 'versions')}; code version {per_row(named, 'code_version')}"
+        f"; seed {per_row(named, 'seed')}.",
     ]
     return (view.to_markdown(index=False, disable_numparse=True) + "\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")

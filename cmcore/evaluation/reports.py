@@ -56,20 +56,23 @@ def markdown(df):
             for c, f in (("images", lambda v: f"{int(v):,}"), ("device_hours", "{:.3g}".format),
                          ("train_tflop", "{:.3g}".format))})
     table = view.to_markdown(index=False, floatfmt=".3f")
-    first = df.iloc[0]
+    accuracy = named.assign(extractor_accuracy=named["extractor_accuracy"].map(
+        lambda v: "-" if pd.isna(v) else f"{v:.3f}"))
+    labels = named[named["label_accuracy"].notna()]
     notes = [
         "Compute: the training of the row's own model (images seen, device-hours, TFLOP counted "
         f"over a step by torch's FlopCounterMode, on {_devices(df)}); CD, PD, ECT and sCD also "
         "used the teacher's (its row); '-': not recorded (trained before it was)."
     ] * compute + [
         "Class-conditional samples: label_accuracy is the fraction the feature extractor "
-        f"classifies as the requested class ({first['labels']} labels; chance is 1 / classes)."
+        f"classifies as the requested class ({per_row(labels, 'labels')} labels; chance is 1 / "
+        "classes)."
     ] * conditional + [
-        f"Data set: {first['dataset']}; {first['num_samples']} samples per row against the "
-        f"{first['reference_set']}.",
-        f"Feature extractor: {first['feature_extractor']}"
-        + (f" (held-out accuracy {first['extractor_accuracy']:.3f})."
-           if pd.notna(first["extractor_accuracy"]) else "."),
+        f"Data set: {per_row(named, 'dataset')}; {per_row(named, 'num_samples')} samples per row "
+        f"against the {per_row(named, 'reference_set')}.",
+        f"Feature extractor: {per_row(named, 'feature_extractor')}"
+        + (f" (held-out accuracy {per_row(accuracy, 'extractor_accuracy')})."
+           if df["extractor_accuracy"].notna().any() else "."),
         f"Seed {per_row(named, 'seed')}; code version {per_row(named, 'code_version')}.",
     ]
     return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
@@ -210,12 +213,12 @@ def markdown_published(df):
                      "precision": f"{r.precision:.3f}", "recall": f"{r.recall:.3f}",
                      "IS": f"{r.isc:.2f}"})
     table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-    first = df.iloc[0]
-    note = (f"Released consistency models sampled with the configured taus, {first['num_samples']}"
-            f" samples per row against the {first['reference_set']}; feature extractor: "
-            f"{first['feature_extractor']}. The paper's numbers come from openai's TF evaluator "
-            "(users of the released ImageNet 64 LPIPS CD model report 8.7 where the paper says "
-            "6.20); ours from torch-fidelity. Code version "
+    note = ("Released consistency models sampled with the configured taus, "
+            f"{per_row(df, 'num_samples')} samples per row against the "
+            f"{per_row(df, 'reference_set')}; feature extractor: "
+            f"{per_row(df, 'feature_extractor')}. The paper's numbers come from openai's TF "
+            "evaluator (users of the released ImageNet 64 LPIPS CD model report 8.7 where the "
+            "paper says 6.20); ours from torch-fidelity. Code version "
             f"{per_row(df, 'code_version')}.")
     return f"{note}\n\n{table}\n"
 
