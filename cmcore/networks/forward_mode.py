@@ -37,6 +37,7 @@ def forward_mode():
 def group_norm(x, num_groups, weight, bias, eps):
     """F.group_norm; inside forward_mode() (and outside autocast), through GroupNormJVP."""
     if _ACTIVE.get() and not torch.is_autocast_enabled(x.device.type):
+        x = x.contiguous(memory_format=_memory_format(x))  # as the native kernels take it
         return GroupNormJVP.apply(x, weight, bias, num_groups, eps)[0]
     return F.group_norm(x, num_groups, weight, bias, eps)
 
@@ -51,11 +52,11 @@ def _memory_format(x):
 class GroupNormJVP(torch.autograd.Function):
     """y = w (x - mu_g) r_g + b with torch's native forward and backward kernels (so gradients
     are those of F.group_norm) and the JVP dy = w P dx + x_hat dw + db (module docstring).
-    Returns (y, mu, r); mu and r are not differentiable."""
+    x: contiguous in its memory format (group_norm passes it so). Returns (y, mu, r); mu and r
+    are not differentiable."""
 
     @staticmethod
     def forward(x, weight, bias, num_groups, eps):
-        x = x.contiguous(memory_format=_memory_format(x))
         N, C = x.shape[:2]
         return torch.ops.aten.native_group_norm(x, weight, bias, N, C, x[0, 0].numel(),
                                                 num_groups, eps)
@@ -64,7 +65,6 @@ class GroupNormJVP(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, _, num_groups, _ = inputs
         _, mu, r = output
-        x = x.contiguous(memory_format=_memory_format(x))
         ctx.save_for_backward(x, weight, mu, r)
         ctx.save_for_forward(x, weight, mu, r)
         ctx.num_groups = num_groups
