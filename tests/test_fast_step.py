@@ -410,7 +410,13 @@ def test_flat_parameters_keep_values_and_layouts_in_one_buffer():
     with torch.no_grad():
         flat.lerp_(a, b, 0.5)
     assert all(torch.equal(p, q) for p, q in zip(a.params, want, strict=True))
-    # Moved into one buffer again: found again, and lerp_ is one op on it.
+    # Moved into one buffer again (now contiguous, b's still channels-last): found again, and
+    # lerp_ still matches element to element (the layouts differ: the _foreach_ path).
     buffer = flat.flatten_(a.params)
     for f in (a, flat.Flat(a.params, move=False)):
         assert (f.buffer.data_ptr(), f.buffer.numel()) == (buffer.data_ptr(), buffer.numel())
+    want = [p.clone() for p in a.params]
+    torch._foreach_lerp_(want, b.params, 0.7)
+    with torch.no_grad():
+        flat.lerp_(a, b, 0.7)
+    assert all(torch.equal(p, q) for p, q in zip(a.params, want, strict=True))

@@ -95,25 +95,33 @@ class Flat:
     def __init__(self, params, move=True):
         self.params = list(params)
         self._buffer = flatten_(self.params) if move else shared(self.params)
-        self._pointers = self._data()
-        self.layout = tuple((p.shape, p.stride()) for p in self.params)
+        self._pointers, self._layout = self._data(), self._strides()
 
     def _data(self):
         return tuple(p.data_ptr() for p in self.params)
+
+    def _strides(self):
+        return tuple((p.shape, p.stride()) for p in self.params)
 
     @property
     def buffer(self):
         pointers = self._data()
         if pointers != self._pointers:
-            self._buffer, self._pointers = shared(self.params), pointers
+            self._buffer, self._pointers, self._layout = shared(self.params), pointers, \
+                self._strides()
         return self._buffer
+
+    @property
+    def layout(self):
+        """The parameters' (shape, stride) when ``buffer`` was last looked up."""
+        return self._layout
 
 
 def lerp_(a, b, weight):
     """a <- lerp(a, b, weight) = a + weight (b - a) for Flat ``a`` and ``b``: one op on their
     buffers when both have one and their parameters are laid out alike, else one _foreach_ op
     over the parameters."""
-    x, y = a.buffer, b.buffer
+    x, y = a.buffer, b.buffer  # first: they refresh the layouts after a move
     if x is not None and y is not None and a.layout == b.layout:
         x.lerp_(y, weight)
     else:
