@@ -362,6 +362,12 @@ def test_flat_optimizers_are_torchs_loop_bitwise(exact, torch_cls, memory_format
             opt.step()
         if k == 20:  # a resume: our flat moment buffers rebuilt from a loaded state dict
             ours.load_state_dict(copy.deepcopy(ours.state_dict()))
+        if k == 30:  # the parameters change layout (module.to), then one buffer again
+            other = torch.contiguous_format if memory_format == torch.channels_last \
+                else torch.channels_last
+            a.to(memory_format=other), b.to(memory_format=other)
+            if flat_params:
+                assert flat.flatten_(a.parameters()) is not None
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
         for key in ("step", "exp_avg", "exp_avg_sq"):

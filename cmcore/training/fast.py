@@ -50,12 +50,13 @@ class _FlatLoop:
     (tests/test_fast_step.py) at a fraction of its per-parameter cost. Defaults only: no weight
     decay, amsgrad, maximize, capturable or differentiable; the state is torch's (a step-count
     tensor per parameter, exp_avg, exp_avg_sq), so state dicts and resume files are those of
-    torch's optimizer (a loaded state is gathered into new buffers at the next step)."""
+    torch's optimizer (a loaded state is gathered into new buffers at the next step, as after
+    the parameters changed layout)."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         self._check_defaults()
-        self._flat_cache = {}  # parameter ids -> (flat m, flat v, m views, v views)
+        self._flat_cache = {}  # parameter ids -> (flat m, flat v, m views, v views, layout)
         self._param_flats = {}  # parameter ids -> their Flat (not moved: TrainStep does)
 
     @torch.no_grad()
@@ -78,22 +79,26 @@ class _FlatLoop:
                 by_step.setdefault(k.item(), []).append(p)
             beta1, beta2 = group["betas"]
             for k, params in by_step.items():
-                m, v = self._flat(params)
+                flat = self._flat_of(params)
+                buffer = flat.buffer  # first: after a move it looks again, layout included
+                m, v = self._flat(params, flat.layout)
                 g = torch.cat([_memory_order_like(p.grad, p) for p in params])
                 # m <- lerp(m, g, 1 - beta1); v <- beta2 v + (1 - beta2) g^2
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2)
                 v.addcmul_(g, g, value=1 - beta2)
-                self._update(params, m, v, k, beta1, beta2, group["lr"], group["eps"])
+                self._update(params, buffer, m, v, k, beta1, beta2, group["lr"],
+                             group["eps"])
 
-    def _flat(self, params):
+    def _flat(self, params, layout):
         """(flat exp_avg, flat exp_avg_sq) of ``params``, each parameter's part in its memory
         order: the buffers made once per set of parameters, again after the state's tensors
-        were replaced (a load)."""
+        were replaced (a load) or the parameters' ``layout`` changed (module.to)."""
         key = tuple(map(id, params))
         entry = self._flat_cache.get(key)
-        if entry is None or any(self.state[p]["exp_avg"] is not a or self.state[p]["exp_avg_sq"]
-                                is not b for p, a, b in zip(params, *entry[2:], strict=True)):
+        if entry is None or entry[4] is not layout or any(
+                self.state[p]["exp_avg"] is not a or self.state[p]["exp_avg_sq"] is not b
+                for p, a, b in zip(params, *entry[2:4], strict=True)):
             flat = []
             for name in ("exp_avg", "exp_avg_sq"):
                 buffer = torch.cat([_memory_order_like(self.state[p][name], p) for p in params])
@@ -102,15 +107,15 @@ class _FlatLoop:
                     self.state[p][name] = view
                 flat.append((buffer, views))
             (m, m_views), (v, v_views) = flat
-            entry = self._flat_cache[key] = (m, v, m_views, v_views)
+            entry = self._flat_cache[key] = (m, v, m_views, v_views, layout)
         return entry[:2]
 
-    def _params(self, params):
-        """The buffer ``params`` are consecutive views of (cmcore.training.flat), else None."""
+    def _flat_of(self, params):
+        """The Flat of ``params`` (cmcore.training.flat): their shared buffer, if any."""
         key = tuple(map(id, params))
         if key not in self._param_flats:
             self._param_flats[key] = Flat(params, move=False)
-        return self._param_flats[key].buffer
+        return self._param_flats[key]
 
     def _check_defaults(self):
         for group in self.param_groups:
@@ -133,12 +138,12 @@ def _memory_order_like(t, p):
 class ExactAdam(_FlatLoop, torch.optim.Adam):
     """Adam (Kingma & Ba): p <- p - lr / (1 - beta1^k) m / (sqrt(v) / sqrt(1 - beta2^k) + eps)."""
 
-    def _update(self, params, m, v, k, beta1, beta2, lr, eps):
+    def _update(self, params, buffer, m, v, k, beta1, beta2, lr, eps):
         bias_correction1, bias_correction2 = 1 - beta1**k, 1 - beta2**k
         denom = v.sqrt()
         denom.div_(bias_correction2**0.5)
         denom.add_(eps)
-        buffer, step_size = self._params(params), lr / bias_correction1
+        step_size = lr / bias_correction1
         if buffer is not None:  # one op on the parameters' buffer, else one _foreach_ op
             buffer.addcdiv_(m, denom, value=-step_size)
         else:
@@ -150,7 +155,7 @@ class ExactRAdam(_FlatLoop, torch.optim.RAdam):
     """RAdam (Liu et al.): Adam's step times the variance rectification r_k once the
     approximated SMA rho_k exceeds 5, else the bias-corrected momentum step."""
 
-    def _update(self, params, m, v, k, beta1, beta2, lr, eps):
+    def _update(self, params, buffer, m, v, k, beta1, beta2, lr, eps):
         bias_correction1, bias_correction2 = 1 - beta1**k, 1 - beta2**k
         update = m / bias_correction1
         rho_inf = 2 / (1 - beta2) - 1
@@ -165,7 +170,6 @@ class ExactRAdam(_FlatLoop, torch.optim.RAdam):
             adaptive.mul_(bias_correction2**0.5)
             update.mul_(adaptive)
             update.mul_(rect)
-        buffer = self._params(params)
         if buffer is not None:  # one op on the parameters' buffer, else one _foreach_ op
             buffer.add_(update, alpha=-1.0)
         else:
