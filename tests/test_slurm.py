@@ -26,7 +26,7 @@ SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
 
 
 def test_profile_dry_run_from_the_repository_root():
-    r = snakemake("--profile", "slurm", "-n", "reproduce_table")
+    r = snakemake("--profile", "slurm", "-n", "--forceall", "reproduce_table")  # any results/
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Using profile slurm" in r.stdout + r.stderr
     assert "reproduce_table" in r.stdout
