@@ -26,7 +26,8 @@ SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
 
 
 def test_profile_dry_run_from_the_repository_root():
-    r = snakemake("--profile", "slurm", "-n", "--forceall", "reproduce_table")  # any results/
+    # --forceall: the whole DAG, whatever a `make reproduce` in this checkout left in results/
+    r = snakemake("--profile", "slurm", "-n", "--forceall", "reproduce_table")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Using profile slurm" in r.stdout + r.stderr
     assert "reproduce_table" in r.stdout
