@@ -28,6 +28,27 @@ def test_the_dag_is_built_without_torch(tiny):
     assert "train" in r.stdout + r.stderr
 
 
+
+def test_benchmarks_sample_memory_every_two_seconds(tiny):
+    # Snakemake's timer, as the workflow leaves it, arms its next memory sample 2 s on (0.5 s
+    # by default: 0.4 CPU-seconds a job of psutil's smaps walks, workflow/rules/common.smk).
+    code = (
+        "import snakemake.benchmark as B\n"
+        "from snakemake.cli import main\n"
+        "try:\n"
+        f"    main(['-n', 'reproduce_table', '--configfile', {str(tiny)!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "timer = B.ScheduledPeriodicTimer(B.BENCHMARK_INTERVAL)\n"
+        "timer.work = lambda: None\n"
+        "timer.start()\n"
+        "print('next sample in', timer._timer.interval, 's')\n"
+        "timer.cancel()\n"
+    )
+    r = run([sys.executable, "-c", code], cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "next sample in 2 s" in r.stdout, r.stdout[-500:]
+
 def test_resume_identity_is_the_training_settings():
     from cmcore.training.checkpoints import run_identity
 

@@ -4,6 +4,8 @@ import os
 import shlex
 import sys
 
+import snakemake.benchmark
+
 from cmcore import dag
 from cmcore.config import ConfigError, read_yaml, validate, write_resolved
 
@@ -24,6 +26,13 @@ CLASSIFIER = f"{OUT}/classifier/classifier.pt"
 # exactly the values its outputs depend on (cmcore.dag). It is written when jobs are about to
 # run (never by a dry run), and only when its content changes.
 RESOLVED = f"{OUT}/config.yaml"
+
+# Snakemake's benchmark samples a job's memory every 0.5 s for its first 30 samples, then every
+# 30 s, through psutil's memory_full_info: a walk of /proc/PID/smaps_rollup, 5.6 ms of kernel
+# time for a torch process, taken from the jobs' cores (Snakemake's own process: 55 s of kernel
+# time in a run of the embedded default). Every 2 s: 2.5 -> 1.0 s for six Fig. 3 jobs, whose
+# memory peaks (after 15 s) the default missed (README, "Where the time goes").
+snakemake.benchmark.BENCHMARK_INTERVAL_SHORT = 2
 
 
 onstart:
