@@ -28,10 +28,10 @@ CLASSIFIER = f"{OUT}/classifier/classifier.pt"
 RESOLVED = f"{OUT}/config.yaml"
 
 # Snakemake's benchmark samples a job's memory every 0.5 s for its first 30 samples, then every
-# 30 s, through psutil's memory_full_info: a walk of /proc/PID/smaps_rollup, 5.6 ms of kernel
-# time for a torch process, taken from the jobs' cores (Snakemake's own process: 55 s of kernel
-# time in a run of the embedded default). Every 2 s: 2.5 -> 1.0 s for six Fig. 3 jobs, whose
-# memory peaks (after 15 s) the default missed (README, "Where the time goes").
+# 30 s: a job of 15-45 s (most Fig. 3 runs) ends before its peak is sampled (788 MB recorded for
+# jobs that reach 845-886), and every sample is psutil's walk of /proc/PID/smaps_rollup, 5-9 ms
+# of kernel time for a torch process, on the jobs' cores. Every 2 s for the first 30 samples:
+# the peaks of jobs up to a minute long, from a third of the samples (README).
 snakemake.benchmark.BENCHMARK_INTERVAL_SHORT = 2
 
 
