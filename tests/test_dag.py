@@ -1,6 +1,6 @@
 """The settings each DAG step depends on (cmcore.dag): the views themselves, the resume identity
-that uses them, and a DAG built without torch. What an edit reruns on a complete run:
-tests/test_tiny_run.py."""
+that uses them, a DAG built without torch, and the benchmarks' memory sampling the workflow sets.
+What an edit reruns on a complete run: tests/test_tiny_run.py."""
 
 import copy
 import sys
@@ -28,10 +28,10 @@ def test_the_dag_is_built_without_torch(tiny):
     assert "train" in r.stdout + r.stderr
 
 
-
 def test_benchmarks_sample_memory_every_two_seconds(tiny):
     # Snakemake's timer, as the workflow leaves it, arms its next memory sample 2 s on (0.5 s
-    # by default: 0.4 CPU-seconds a job of psutil's smaps walks, workflow/rules/common.smk).
+    # by default: peaks after a job's first 15 s missed, three times the psutil smaps walks;
+    # workflow/rules/common.smk).
     code = (
         "import snakemake.benchmark as B\n"
         "from snakemake.cli import main\n"
@@ -48,6 +48,7 @@ def test_benchmarks_sample_memory_every_two_seconds(tiny):
     r = run([sys.executable, "-c", code], cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "next sample in 2 s" in r.stdout, r.stdout[-500:]
+
 
 def test_resume_identity_is_the_training_settings():
     from cmcore.training.checkpoints import run_identity
