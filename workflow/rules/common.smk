@@ -31,7 +31,7 @@ RESOLVED = f"{OUT}/config.yaml"
 # 30 s: a job of 15-45 s (most Fig. 3 runs) ends before its peak is sampled (788 MB recorded for
 # jobs that reach 845-886), and every sample is psutil's walk of /proc/PID/smaps_rollup, 5-9 ms
 # of kernel time for a torch process, on the jobs' cores. Every 2 s for the first 30 samples:
-# the peaks of jobs up to a minute long, from a third of the samples (README).
+# the peaks of jobs up to a minute long, and a 20 s job sampled 11 times, not 31 (README).
 snakemake.benchmark.BENCHMARK_INTERVAL_SHORT = 2
 
 
