@@ -28,7 +28,8 @@ from cmcore.methods.distances import l2
 from cmcore.methods.registry import METHODS, Context
 from cmcore.networks import build_network
 from cmcore.threads import torch_threads
-from cmcore.training.loop import CSVLog, fit
+from cmcore.training.log import CSVLog
+from cmcore.training.loop import fit
 from cmcore.training.step import target_update
 
 

@@ -1,5 +1,5 @@
 """One training loop for every objective: optimizer, warm-up, evaluation EMA, target network
-theta^- with decay mu(k), CSV log and atomic checkpoints.
+theta^- with decay mu(k), CSV log (cmcore.training.log) and atomic checkpoints.
 
 Methods: those of cmcore.methods.registry (teacher, cd, ct, ict, ect, cd_cont, ct_cont,
 untrained: one fit each) and ``pd`` (progressive distillation, one fit per halving of the steps).
@@ -29,7 +29,6 @@ ct and pd losses; ict and ect still copy per-step tensors to the device.
 
 import contextlib
 import copy
-import csv
 import math
 import os
 import time
@@ -65,36 +64,10 @@ from cmcore.training.checkpoints import (
 )
 from cmcore.training.compute import Meter
 from cmcore.training.distributed import World
+from cmcore.training.log import CSVLog
 from cmcore.training.step import TrainStep, target_update
 
 METHODS = (*registry.METHODS, "pd")
-
-
-class CSVLog:
-    """Append rows (dicts) to a CSV file, header taken from the first row; ``rows`` keeps them.
-    ``path`` None: keep the rows only (the ranks of a data-parallel run other than 0)."""
-
-    def __init__(self, path):
-        self.path, self.writer, self.file, self.rows = path, None, None, []
-
-    def write(self, row):
-        if self.path is not None:
-            if self.writer is None:
-                self.file = open(self.path, "w", newline="")  # closed in close()
-                self.writer = csv.DictWriter(self.file, fieldnames=list(row))
-                self.writer.writeheader()
-            self.writer.writerow(row)
-            self.file.flush()
-        self.rows.append(row)
-
-    def restore(self, rows):
-        """Rewrite the file with the rows of a resumed run."""
-        for row in rows:
-            self.write(row)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
 
 
 class _FollowerResume(ResumeFile):
