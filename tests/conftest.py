@@ -32,6 +32,19 @@ def pytest_collection_finish(session):
     gc.enable()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_folder(tmp_path_factory):
+    """The processes the tests start keep their temporary files under pytest's base folder,
+    which pytest rotates, not in the system's: each torchrun leaves a torchelastic_* folder."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    if before is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = before
+
+
 # The tiny config of .test/config/config.yaml (FULL): the session's tiny run builds all of it;
 # TINY, for the other tests, leaves out the ablations, Theorem 1, the later recipes, the tau
 # search and the edits.
