@@ -36,13 +36,9 @@ def pytest_collection_finish(session):
 def _temporary_folder(tmp_path_factory):
     """The processes the tests start keep their temporary files under pytest's base folder,
     which pytest rotates, not in the system's: each torchrun leaves a torchelastic_* folder."""
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
-    yield
-    if before is None:
-        del os.environ["TMPDIR"]
-    else:
-        os.environ["TMPDIR"] = before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
 
 
 # The tiny config of .test/config/config.yaml (FULL): the session's tiny run builds all of it;
