@@ -56,6 +56,15 @@ def for_training(model, device):
     return model
 
 
+def init_from_teacher(f, D):
+    """f_theta(x, t) = c_skip(t) x + c_out(t) F_phi(c_in(t) x, c_noise(t)) at the start: the
+    consistency function's backbone takes a copy of the teacher denoiser's weights (CD in the
+    paper; ECT too). c_in and c_noise agree between the two wrappers, so f(x, T) ~ D(x, T) while
+    f(x, eps) = x holds exactly. Returns ``f``."""
+    f.model.load_state_dict(D.model.state_dict())
+    return f
+
+
 def model_from_checkpoint(ckpt, weights="ema", stage=None):
     """The network of a checkpoint in eval mode; ``stage`` picks a PD student by step count."""
     model = make_model(ckpt["net"], ckpt["kind"], ckpt["config"]["diffusion"])

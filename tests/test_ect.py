@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from cmcore.diffusion.precond import Denoiser
+from cmcore.diffusion.precond import ConsistencyFunction, Denoiser
 from cmcore.methods.ect import (
-    consistency_from_denoiser,
     ect_loss,
     ect_r,
     ect_sample_t,
     ect_stage,
 )
+from cmcore.models import init_from_teacher
 from cmcore.networks.mlp import MLP
 
 EPS = 0.002
@@ -95,11 +95,13 @@ def test_ect_target_at_the_boundary_is_exact_and_without_gradient():
     assert calls == [True, False]
 
 
-def test_consistency_from_denoiser_copies_the_backbone():
+def test_init_from_teacher_copies_the_backbone():
+    """ECT's (and CD's) start, as training builds it: f's own backbone, the teacher's weights."""
     torch.manual_seed(0)
     D = Denoiser(MLP(4, hidden=16, depth=1)).double()
     torch.nn.init.normal_(D.model.out.weight)
-    f = consistency_from_denoiser(D).double()
+    f = ConsistencyFunction(MLP(4, hidden=16, depth=1), eps=EPS).double()
+    assert init_from_teacher(f, D) is f
     x = torch.randn(3, 4, dtype=torch.float64)
     assert torch.equal(f(x, EPS), x)  # boundary condition
     big = torch.tensor(80.0, dtype=torch.float64)

@@ -45,7 +45,7 @@ from cmcore.diffusion.precond import Denoiser, one_hot
 from cmcore.diffusion.solvers import edm_sampler
 from cmcore.methods import registry
 from cmcore.methods.objectives import progressive_distillation_loss
-from cmcore.models import for_training, make_model
+from cmcore.models import for_training, init_from_teacher, make_model
 from cmcore.networks import ARCHS, build_network
 from cmcore.sampling.samplers import consistency_sample
 from cmcore.training import fast
@@ -213,7 +213,7 @@ class Bench:
             spec = registry.METHODS[method]
             model = self.model(spec.kind, backbone)
             if spec.from_teacher:
-                model.model.load_state_dict(teacher.model.state_dict())
+                init_from_teacher(model, teacher)
             target = None
             if spec.target:
                 target = copy.deepcopy(model).train().requires_grad_(False)  # dropout replay

@@ -8,15 +8,14 @@ For a distance d that is twice differentiable at x = y, with G(y) = Hessian_x d(
     v = (x_t - D_phi(x_t, t)) / t   (CD: the teacher's PF-ODE, -t s_phi(x_t, t)),
     v = (x_t - x) / t = z           (CT: the unbiased estimate of the same velocity),
 with x_t = x + t z and t = tau(u), u ~ U[0, 1], tau the Karras warp of the discrete grid.
-The value of L^inf is no distance and may be negative; only its gradient matters. To monitor
-training use consistency_residual, ||df/dt||, which is zero for the exact consistency function.
+The value of L^inf is no distance and may be negative; only its gradient matters. ||df/dt||,
+zero for the exact consistency function, is total_derivative's second output.
 l1 has no Hessian at x = y (the paper treats it apart) and is refused here.
 
 API:
     karras_warp(u, eps, T, rho) -> (t, dt/du)            t = tau(u) and 1 / (tau^{-1})'(t)
     total_derivative(f, x_t, t, dx_dt) -> (f, df/dt)     one torch.func.jvp
     metric_hessian_product(distance, y, v) -> G(y) v     forward-over-reverse, per sample
-    consistency_residual(f, x_t, t, dx_dt) -> (B,)       ||df/dt||_2, no gradient
     continuous_consistency_loss(f, x_t, t, dx_dt, distance, weight) -> scalar pseudo-loss
     continuous_cd_loss(f, D_teacher, x0, distance, eps, T, rho, weighting) -> scalar
     continuous_ct_loss(f, x0, distance, eps, T, rho, weighting) -> scalar
@@ -66,12 +65,6 @@ def metric_hessian_product(distance, y, v):
         return grad(lambda a: distance(a, y).sum())(x)
 
     return jvp(grad_d, (y,), (v.detach(),))[1]
-
-
-@torch.no_grad()
-def consistency_residual(f, x_t, t, dx_dt):
-    """||df/dt||_2 per sample: how far f is from constant along the trajectory through (x_t, t)."""
-    return total_derivative(f, x_t, t, dx_dt)[1].flatten(1).norm(dim=1)
 
 
 def continuous_consistency_loss(f, x_t, t, dx_dt, distance=l2, weight=1.0):

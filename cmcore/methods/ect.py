@@ -1,7 +1,8 @@
 """Easy consistency tuning (ECT; Geng et al. 2024, "Consistency models made easy").
 
-ECT initialises f_theta from a pretrained denoiser and trains on pairs r < t along one noise
-direction, with the gap t - r shrinking stage by stage (diffusion -> consistency):
+ECT initialises f_theta from a pretrained denoiser (cmcore.models.init_from_teacher) and trains
+on pairs r < t along one noise direction, with the gap t - r shrinking stage by stage
+(diffusion -> consistency):
     t ~ lognormal(P_mean, P_std),  r / t = 1 - (1/q)^a n(t),  n(t) = 1 + kappa sigmoid(-b t),
     a = ceil(k / d) (stage of iteration k, d iterations per stage),
     L = E[ d(f_theta(x + t z, t), f_theta-(x + r z, r)) / (t - r) ],  theta^- = stopgrad(theta).
@@ -15,36 +16,24 @@ clamped r has the exact target x + eps z (the boundary condition), ECT's x at r 
 
 API (pure functions; per-example random numbers from ``rng``, a
 cmcore.diffusion.rng.Draws; by default torch's own generators):
-    consistency_from_denoiser(D, eps) -> ConsistencyFunction    the denoiser's backbone, copied
     ect_stage(k, d) -> int                                       a = max(ceil(k / d), 1)
     ect_r(t, k, d, q, kappa, b, eps) -> tensor                   the mapping t -> r
     ect_sample_t(n, P_mean, P_std, eps, T) -> (n,) float64       truncated lognormal
     ect_loss(f, x0, k, d, q, kappa, b, P_mean, P_std, eps, T, distance) -> scalar loss
 """
 
-import copy
 import functools
 import math
 
 import torch
 
-from cmcore.diffusion.precond import ConsistencyFunction, _per_sample
+from cmcore.diffusion.precond import _per_sample
 from cmcore.diffusion.rng import Draws
 from cmcore.methods.distances import pseudo_huber
 from cmcore.methods.ict import stopgrad_pair
 
 # ECT's CIFAR-10 distance: sqrt(||x - y||^2 + c^2) - c with c = 0, the plain l2 norm.
 ECT_DISTANCE = functools.partial(pseudo_huber, c=0.0)
-
-
-def consistency_from_denoiser(D, eps=0.002):
-    """f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with the denoiser's F, copied.
-
-    ``D`` is a cmcore.diffusion.precond.Denoiser (EDM preconditioning); c_in and c_noise agree
-    between the two wrappers, so ECT's start is the teacher's backbone under the CM boundary
-    scalings.
-    """
-    return ConsistencyFunction(copy.deepcopy(D.model), sigma_data=D.sigma_data, eps=eps)
 
 
 def ect_stage(k, d):

@@ -45,6 +45,7 @@ from cmcore.methods import objectives, registry
 from cmcore.methods.distances import get_distance
 from cmcore.models import (
     for_training,
+    init_from_teacher,
     make_model,
     model_from_checkpoint,
     network_config,
@@ -338,7 +339,7 @@ def _train_single(method, run):
                 "target": None, "optimizer": None, "step": 0, "train_iters": 0}
     opt = run.cfg[method]
     if spec.from_teacher:  # the paper initialises CD from the teacher; so does ECT
-        model.model.load_state_dict(run.teacher.model.state_dict())
+        init_from_teacher(model, run.teacher)
     target, after, distance = None, None, None
     if spec.target:
         target = copy.deepcopy(model).train().requires_grad_(False)  # dropout replay
