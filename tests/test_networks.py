@@ -8,7 +8,7 @@ import torch
 from cmcore.networks import build_network, count_parameters
 from cmcore.networks.layers import Conv2d, UNetBlock
 
-# CIFAR-10 DDPM++ (EDM's cifar10 config, REFERENCE.md).
+# CIFAR-10 DDPM++: EDM's cifar10 network, as config/cifar10.yaml sets it.
 CIFAR_DDPMPP = dict(
     arch="ddpmpp",
     img_resolution=32,

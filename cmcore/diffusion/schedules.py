@@ -23,7 +23,8 @@ def ct_N(k, K, s0, s1):
     """N(k) = ceil(sqrt(k/K * ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1 (paper, Appendix C).
 
     The discretisation curriculum of consistency training: N(0) = s0 and N(K) = s1 + 1 grid
-    points. (The seed note's transcription moves the -1 inside the root; we follow the paper.)
+    points. (Moving the -1 inside the root, as some transcriptions do, gives other N; this is
+    the paper's form.)
     """
     inner = k / K * ((s1 + 1) ** 2 - s0**2) + s0**2
     return math.ceil(math.sqrt(inner) - 1) + 1
